@@ -1,0 +1,559 @@
+"""A gRPC model server: a PyTorch model behind an exactly-specified, thread-safe LRU prediction cache.
+
+Run `python3 server.py --help` for the flags; README.md explains the cache and its guarantees.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hmac
+import logging
+import math
+import operator
+import os
+import signal
+import sys
+import threading
+from array import array
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from stubs import pb2, pb2_grpc
+
+log = logging.getLogger("modelserver")
+
+DECIMALS = 4
+SCALE = 10.0**DECIMALS
+SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
+ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
+ADMIN_TOKEN_ENV = "MODELSERVER_ADMIN_TOKEN"
+
+
+class ModelError(ValueError):
+    """A request or a model the server cannot use; the message names the problem and the numbers."""
+
+
+# --- float32 arithmetic in plain Python --------------------------------------------------------
+# The server's hot path avoids torch: every small torch op releases and re-takes the GIL, which
+# costs a context switch per op inside a threaded server. These functions reproduce torch's
+# float32 results bit for bit (test_prediction_cache.py proves it against torch itself): a double
+# holds each intermediate exactly enough that rounding once to float32 gives float32's answer.
+
+
+def _round_half_even(value: float) -> float:
+    """round() to the nearest even integer, keeping the sign of zero and passing inf and NaN through."""
+    if not math.isfinite(value):
+        return value
+    return round(value) or value * 0.0
+
+
+def round_row(row: Sequence[float]) -> list[float]:
+    """Round as torch.round(X, decimals=4) does on float32: x*1e4 in float32, half to even, /1e4."""
+    scaled = array("f", [x * SCALE for x in array("f", row)])
+    try:
+        rounded = [(round(s) or s * 0.0) / SCALE for s in scaled]
+    except (OverflowError, ValueError):  # inf or NaN in the row: the slower, general path
+        rounded = [_round_half_even(s) / SCALE for s in scaled]
+    return array("f", rounded).tolist()
+
+
+def dot_float32(row: Sequence[float], coefs: Sequence[float]) -> float:
+    """X @ coefs for one float32 row, summed left to right in float32 as torch does."""
+    total = array("f", [0.0])
+    for product in array("f", map(operator.mul, row, coefs)):
+        total[0] += product
+    return total[0]
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+class ModelHandler:
+    """What a served model implements; the cache does the rest.
+
+    initialize() loads it, run() maps a (rows, width) float32 tensor to one value per row,
+    cleanup() releases it. `width` is the number of inputs per row, known once initialized.
+    """
+
+    width: int
+    description: str
+
+    def initialize(self) -> None:
+        pass
+
+    def run(self, X: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_row(self, row: list[float]) -> float:
+        """One already-rounded row; a handler with an exact faster path overrides this."""
+        y = self.run(torch.tensor([row], dtype=torch.float32))
+        return float(one_value_per_row(y, rows=1))
+
+    def cleanup(self) -> None:
+        pass
+
+
+class LinearModel(ModelHandler):
+    """y = X @ coefs, the model SetCoefs sets."""
+
+    def __init__(self, coefs: torch.Tensor):
+        if not isinstance(coefs, torch.Tensor):
+            raise ModelError(f"coefs must be a torch.Tensor, not {type(coefs).__name__}")
+        if coefs.dim() > 2 or (coefs.dim() == 2 and coefs.shape[1] != 1):
+            raise ModelError(f"coefs must be a column vector of shape (n, 1), got shape {tuple(coefs.shape)}")
+        if coefs.numel() == 0:
+            raise ModelError("coefs is empty: the model needs at least one coefficient")
+        column = coefs.detach().to(torch.float32).reshape(-1, 1).clone()
+        finite = torch.isfinite(column).flatten()
+        if not bool(finite.all()):
+            first_bad = int((~finite).nonzero()[0])
+            raise ModelError(
+                f"coefs must be finite: {int((~finite).sum())} of {column.shape[0]} are not "
+                f"(coefs[{first_bad}] = {column[first_bad, 0].item()})"
+            )
+        self._coefs = column
+        self._coef_values = column.flatten().tolist()
+        self.width = column.shape[0]
+        self.description = f"linear model with {self.width} coefficients"
+
+    def run(self, X: torch.Tensor) -> torch.Tensor:
+        return X @ self._coefs
+
+    def run_row(self, row: list[float]) -> float:
+        return dot_float32(row, self._coef_values)
+
+
+class TorchScriptModel(ModelHandler):
+    """A TorchScript file (torch.jit.save), run on the CPU."""
+
+    def __init__(self, path: Path, width: int | None = None):
+        self.path = Path(path)
+        self._requested_width = width
+        self._module: torch.jit.ScriptModule | None = None
+        self.description = f"TorchScript model {self.path}"
+
+    def initialize(self) -> None:
+        try:
+            module = torch.jit.load(str(self.path), map_location="cpu")
+        except Exception as error:  # any failure to load a user's file is reported, never raised
+            raise ModelError(f"cannot load {self.path}: {_first_line(error)}") from None
+        module.eval()
+        width = self._requested_width or _input_width(module)
+        if width is None:
+            raise ModelError(f"cannot tell the input width of {self.path}; pass --input-width")
+        self._check_output_shape(module, width)
+        self._module, self.width = module, width
+
+    def _check_output_shape(self, module: torch.jit.ScriptModule, width: int) -> None:
+        probe = torch.zeros(2, width)
+        try:
+            with torch.inference_mode():
+                output = module(probe)
+        except Exception as error:  # the model's own code failed on a well-formed input
+            raise ModelError(f"{self.path} fails on a (2, {width}) input: {_first_line(error)}") from None
+        if not isinstance(output, torch.Tensor) or output.numel() != 2:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ModelError(f"{self.path} returns {shape} for 2 rows; a served model must return one value per row")
+
+    def run(self, X: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._module(X)
+
+    def cleanup(self) -> None:
+        self._module = None
+
+
+def _input_width(module: torch.jit.ScriptModule) -> int | None:
+    """The model's own `input_width` attribute, else the in_features of its first linear layer."""
+    for candidate in (module, *module.modules()):
+        for attribute in ("input_width", "in_features"):
+            width = getattr(candidate, attribute, None)
+            if isinstance(width, int) and width > 0:
+                return width
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def one_value_per_row(y: torch.Tensor, rows: int) -> torch.Tensor:
+    """The model's output as a (rows, 1) float32 column, or a clear error."""
+    if not isinstance(y, torch.Tensor) or y.numel() != rows:
+        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ModelError(f"the model returned {shape} for {rows} row(s); it must return one value per row")
+    return y.detach().to(torch.float32).reshape(rows, 1)
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    size: int
+    capacity: int
+
+
+class PredictionCache:
+    """An LRU cache of predictions keyed by the rounded input, emptied whenever the model changes.
+
+    One lock guards the entries, the counters and the model. Predictions are computed outside the
+    lock; the generation number, bumped by every model change, keeps a result computed with an old
+    model out of the cache, so no Predict that starts after SetCoefs returns sees old answers.
+    """
+
+    def __init__(self, capacity: int = 10, model: ModelHandler | None = None):
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[float, ...], tuple[float, ...]] = OrderedDict()
+        self._model: ModelHandler | None = None
+        self._generation = 0
+        self._hits = self._misses = self._evictions = 0
+        if model is not None:
+            self.set_model(model)
+
+    def SetCoefs(self, coefs: torch.Tensor) -> None:
+        """Serve y = X @ coefs from now on; coefs is an (n, 1) float32 column."""
+        self.set_model(LinearModel(coefs))
+
+    def set_model(self, model: ModelHandler) -> None:
+        """Swap in a model atomically; a model that fails to initialize leaves the old one serving."""
+        model.initialize()
+        with self._lock:
+            old_model, self._model = self._model, model
+            self._generation += 1
+            self._entries.clear()
+        if old_model is not None:
+            old_model.cleanup()
+
+    def close(self) -> None:
+        with self._lock:
+            old_model, self._model = self._model, None
+            self._generation += 1
+            self._entries.clear()
+        if old_model is not None:
+            old_model.cleanup()
+
+    def Predict(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """y = model(round(X, 4)) as a (rows, 1) tensor, and whether it came from the cache."""
+        X = _checked_matrix(X)
+        if X.shape[0] == 1:  # the common case, answered without torch ops
+            y, hit = self.predict_row(X.tolist()[0])
+            return torch.full((1, 1), y, dtype=torch.float32), hit
+        X = torch.round(X, decimals=DECIMALS)
+        key = tuple(X.flatten().tolist())
+        model, generation, cached = self._lookup(key, width=X.shape[1])
+        if cached is not None:
+            return torch.tensor(cached, dtype=torch.float32).reshape(-1, 1), True
+        y = one_value_per_row(model.run(X), rows=X.shape[0])
+        self._store(key, generation, tuple(y.flatten().tolist()))
+        return y, False
+
+    def predict_row(self, row: Sequence[float]) -> tuple[float, bool]:
+        """Predict for one row of floats: the server's hot path, equal bit for bit to Predict."""
+        if not row:
+            raise ModelError("X is empty: send one value per coefficient")
+        rounded = round_row(row)
+        key = tuple(rounded)
+        model, generation, cached = self._lookup(key, width=len(key))
+        if cached is not None:
+            return cached[0], True
+        y = model.run_row(rounded)
+        self._store(key, generation, (y,))
+        return y, False
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self._hits, self._misses, self._evictions, len(self._entries), self._capacity)
+
+    def _lookup(self, key: tuple[float, ...], width: int) -> tuple[ModelHandler, int, tuple[float, ...] | None]:
+        with self._lock:
+            model = self._model
+            if model is None:
+                raise ModelError("no model yet: call SetCoefs first")
+            if width != model.width:
+                raise ModelError(f"X has {width} values per row but the model takes {model.width}")
+            cached = self._entries.get(key)
+            if cached is None:
+                self._misses += 1
+            else:
+                self._entries.move_to_end(key)
+                self._hits += 1
+            return model, self._generation, cached
+
+    def _store(self, key: tuple[float, ...], generation: int, values: tuple[float, ...]) -> None:
+        if any(map(math.isnan, key)):
+            return  # a NaN key never equals itself: it could never hit, only evict useful entries
+        with self._lock:
+            if generation != self._generation:
+                return  # the model changed while this was computed
+            self._entries[key] = values
+            self._entries.move_to_end(key)
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
+                self._evictions += 1
+
+
+def _checked_matrix(X: torch.Tensor) -> torch.Tensor:
+    if not isinstance(X, torch.Tensor):
+        raise ModelError(f"X must be a torch.Tensor, not {type(X).__name__}")
+    if X.dim() != 2:
+        raise ModelError(f"X must be 2-D (rows, n), got shape {tuple(X.shape)}")
+    if X.numel() == 0:
+        raise ModelError(f"X is empty (shape {tuple(X.shape)})")
+    return X if X.dtype == torch.float32 else X.to(torch.float32)
+
+
+# --- the gRPC service ---------------------------------------------------------------------------
+
+
+def _answers_errors(response_type: type) -> Callable:
+    """Turn any exception into the response's `error` string: no request may kill a worker."""
+
+    def decorate(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        def guarded(self, request, context):
+            try:
+                return handler(self, request, context)
+            except ModelError as error:
+                return response_type(error=str(error))
+            except Exception:
+                log.exception("%s failed", handler.__name__)
+                return response_type(error=f"internal error in {handler.__name__}; the server log has the details")
+
+        return guarded
+
+    return decorate
+
+
+class ModelServer(pb2_grpc.ModelServerServicer):
+    """Translates requests to the cache: repeated floats in, floats and error strings out."""
+
+    def __init__(self, cache: PredictionCache, model_file: TorchScriptModel | None = None):
+        self._cache = cache
+        self._model_file = model_file
+        self._reload_lock = threading.Lock()
+
+    @_answers_errors(pb2.SetCoefsResponse)
+    def SetCoefs(self, request, context):
+        if self._model_file is not None:
+            raise ModelError(f"this server serves the model file {self._model_file.path}; SetCoefs changes nothing here")
+        self._cache.SetCoefs(torch.tensor(list(request.coefs), dtype=torch.float32).reshape(-1, 1))
+        return pb2.SetCoefsResponse()
+
+    @_answers_errors(pb2.PredictResponse)
+    def Predict(self, request, context):
+        y, hit = self._cache.predict_row(request.X)
+        return pb2.PredictResponse(y=y, hit=hit)
+
+    def GetStats(self, request, context):
+        stats = self._cache.stats()
+        return pb2.GetStatsResponse(
+            hits=stats.hits, misses=stats.misses, evictions=stats.evictions, size=stats.size, capacity=stats.capacity
+        )
+
+    @_answers_errors(pb2.ReloadModelResponse)
+    def ReloadModel(self, request, context):
+        self.reload()
+        return pb2.ReloadModelResponse()
+
+    def reload(self) -> None:
+        """Load the model file anew; on failure the old model keeps serving and ModelError says why."""
+        if self._model_file is None:
+            raise ModelError("no model file is served (start the server with --model PATH)")
+        with self._reload_lock:
+            fresh = TorchScriptModel(self._model_file.path, self._model_file.width)
+            self._cache.set_model(fresh)
+            self._model_file = fresh
+        log.info("reloaded %s", fresh.path)
+
+
+class AdminTokenInterceptor(grpc.ServerInterceptor):
+    """Refuses calls that change the model unless they carry `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+        self._refusal = grpc.unary_unary_rpc_method_handler(self._refuse)
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method in ADMIN_METHODS and not self._authorized(handler_call_details):
+            return self._refusal
+        return continuation(handler_call_details)
+
+    def _authorized(self, handler_call_details) -> bool:
+        metadata = handler_call_details.invocation_metadata or ()
+        supplied = next((value for key, value in metadata if key == "authorization"), "")
+        return hmac.compare_digest(str(supplied).encode(), self._expected)
+
+    @staticmethod
+    def _refuse(request, context):
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            "this call needs the admin token: send the metadata 'authorization: Bearer <token>'",
+        )
+
+
+@dataclass
+class ServerConfig:
+    host: str = "[::]"
+    port: int = 5440
+    workers: int = 4
+    cache_size: int = 10
+    model: Path | None = None
+    input_width: int | None = None
+    admin_token: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_message_mb: float = 4.0
+    grace: float = 3.0
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    servicer: ModelServer
+    cache: PredictionCache
+    port: int
+
+    def stop(self, grace: float) -> None:
+        """NOT_SERVING first, then let in-flight calls finish within the grace period."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.cache.close()
+
+
+def start_server(config: ServerConfig) -> RunningServer:
+    """Load the model, bind, start and report SERVING; ModelError or OSError says what failed."""
+    model_file = TorchScriptModel(config.model, config.input_width) if config.model else None
+    cache = PredictionCache(config.cache_size, model=model_file)
+    servicer = ModelServer(cache, model_file)
+    max_bytes = int(config.max_message_mb * 1024 * 1024)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers),
+        options=(
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", max_bytes),
+            ("grpc.max_send_message_length", max_bytes),
+        ),
+        interceptors=[AdminTokenInterceptor(config.admin_token)] if config.admin_token else None,
+    )
+    pb2_grpc.add_ModelServerServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = _bind(server, config)
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server, health_servicer, servicer, cache, port)
+
+
+def _bind(server: grpc.Server, config: ServerConfig) -> int:
+    try:
+        if config.tls_cert:
+            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+            port = server.add_secure_port(config.address, credentials)
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError as error:
+        raise OSError(f"cannot listen on {config.address}: {error}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {config.address}: the address is taken or unavailable")
+    return port
+
+
+def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the model file. Returns the exit code."""
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    # Blocked before any thread starts, so every thread inherits the mask and sigwait receives them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        running = start_server(config)
+    except (ModelError, OSError) as error:
+        log.error("%s", error)
+        return 1
+    model = config.model or "linear coefficients (set by SetCoefs)"
+    log.info(
+        "ready: serving on %s (%d workers, cache size %d, model: %s%s)",
+        ServerConfig(config.host, running.port).address, config.workers, config.cache_size, model,
+        ", TLS" if config.tls_cert else "",
+    )
+    while (received := signal.sigwait(handled)) == signal.SIGHUP:
+        try:
+            running.servicer.reload()
+        except ModelError as error:
+            log.error("reload failed, the old model keeps serving: %s", error)
+    log.info("%s received: stopping (grace %.1f s)", signal.Signals(received).name, config.grace)
+    running.stop(config.grace)
+    log.info("stopped")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {value}")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    parser.add_argument("--port", type=_port, default=defaults.port, help="port, 0 for any free one (default %(default)s)")
+    parser.add_argument("--workers", type=_positive_int, default=defaults.workers, help="worker threads (default %(default)s)")
+    parser.add_argument("--cache-size", type=_positive_int, default=defaults.cache_size, help="LRU entries (default %(default)s)")
+    parser.add_argument("--model", type=Path, help="serve this TorchScript file instead of SetCoefs' linear model")
+    parser.add_argument("--input-width", type=_positive_int, help="inputs per row, where the model file cannot tell")
+    parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+                        help=f"require 'authorization: Bearer TOKEN' for SetCoefs and ReloadModel (or ${ADMIN_TOKEN_ENV})")
+    parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serves TLS with --tls-key")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key")
+    parser.add_argument("--max-message-mb", type=float, default=defaults.max_message_mb,
+                        help="largest request or response in MiB (default %(default)s)")
+    parser.add_argument("--grace", type=float, default=defaults.grace,
+                        help="seconds in-flight calls get to finish on shutdown (default %(default)s)")
+    args = parser.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("TLS needs both --tls-cert and --tls-key")
+    return ServerConfig(**vars(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s modelserver %(levelname)s %(message)s")
+    return serve(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
