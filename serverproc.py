@@ -1,0 +1,104 @@
+"""Run server.py as a child process on loopback and wait until its health service says SERVING.
+
+Used by the tests, `autograde.py --local` and `bench.py`, which all need a real server to talk to.
+"""
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVER_PY = Path(__file__).resolve().parent / "server.py"
+READY_LINE = re.compile(r"ready: serving on \S*:(\d+)")
+
+
+def wait_until_serving(channel: grpc.Channel, timeout: float, service: str = "") -> None:
+    """Block until the health service answers SERVING; raise TimeoutError after `timeout` seconds."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=remaining, wait_for_ready=True)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
+            break
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.05)  # reachable but not yet SERVING: there is nothing to block on, so poll
+    raise TimeoutError(f"the server was not SERVING within {timeout:.0f} s")
+
+
+class ServerProcess:
+    """A server.py child process; its stderr is kept in `log_lines`."""
+
+    def __init__(self, args: Sequence[str] = (), port: int = 0, env: dict | None = None, start_timeout: float = 30):
+        command = [sys.executable, "-u", str(SERVER_PY), "--host", "127.0.0.1", "--port", str(port), *args]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.log_lines: list[str] = []
+        self._port_found = threading.Event()
+        self.port = port
+        threading.Thread(target=self._read_log, daemon=True).start()
+        if not self._port_found.wait(start_timeout) or self.port == 0:
+            self.stop(signal.SIGKILL)
+            raise RuntimeError("server.py did not start:\n" + self.log)
+
+    def _read_log(self) -> None:
+        for line in self.process.stderr:
+            self.log_lines.append(line)
+            if match := READY_LINE.search(line):
+                self.port = int(match.group(1))
+                self._port_found.set()
+        self._port_found.set()  # exited: whoever waits learns it now rather than at the timeout
+
+    @property
+    def log(self) -> str:
+        return "".join(self.log_lines)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self, tls_ca: bytes | None = None) -> grpc.Channel:
+        if tls_ca is None:
+            return grpc.insecure_channel(self.address)
+        options = (("grpc.ssl_target_name_override", "localhost"),)
+        return grpc.secure_channel(self.address, grpc.ssl_channel_credentials(tls_ca), options=options)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Send `sig` and return the exit code; SIGKILL if it has not exited within `timeout`."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_server(args: Sequence[str] = (), port: int = 0, env: dict | None = None, timeout: float = 30,
+                 tls_ca: bytes | None = None) -> ServerProcess:
+    """Start server.py and return once it is SERVING."""
+    server = ServerProcess(args, port=port, env=env, start_timeout=timeout)
+    try:
+        with server.channel(tls_ca) as channel:
+            wait_until_serving(channel, timeout)
+    except BaseException:
+        server.stop(signal.SIGKILL)
+        raise
+    return server
