@@ -20,7 +20,7 @@ from typing import Sequence
 import grpc
 from tqdm import tqdm
 
-from stubs import pb2, pb2_grpc
+from stubs import NO_MODEL_ERROR, pb2, pb2_grpc
 
 TOKEN_ENV = "MODELSERVER_ADMIN_TOKEN"
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -49,20 +49,20 @@ class Workload:
     malformed: int
 
 
-def read_workload(path: str) -> Workload:
-    """Parse a CSV of numbers; a non-numeric first line is a header, other bad rows are reported and skipped."""
+def read_csv_text(path: str) -> str:
     try:
         with open(path, newline="") as file:
-            return _parse_rows(path, file.read().splitlines())
+            return file.read()
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
     except UnicodeDecodeError:
         raise UsageError(f"cannot read {path}: it is not a text CSV file") from None
 
 
-def _parse_rows(path: str, lines: list[str]) -> Workload:
+def parse_workload(path: str, text: str) -> Workload:
+    """Rows of numbers; a non-numeric first line is a header, other bad rows are reported and skipped."""
     rows, malformed, seen_content = [], 0, False
-    for number, cells in enumerate(csv.reader(lines), start=1):
+    for number, cells in enumerate(csv.reader(text.splitlines()), start=1):
         if not any(cell.strip() for cell in cells):
             continue
         try:
@@ -104,13 +104,29 @@ class Tally:
 
 @dataclass
 class Run:
-    """What the worker threads share: the stub, the deadline, and the first sign the server is gone."""
+    """What the worker threads share: the stub, the settings, and the first sign the server is gone."""
 
     stub: pb2_grpc.ModelServerStub
-    timeout: float
+    coefs: list[float]
+    args: argparse.Namespace
     progress: tqdm
     server_gone: threading.Event = field(default_factory=threading.Event)
     lost_because: str = ""
+    _model_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def predict(self, row: Row) -> pb2.PredictResponse:
+        """Predict one row; a server that restarted without a model gets the coefficients again."""
+        reply = self._call(row)
+        if reply.error == NO_MODEL_ERROR:
+            with self._model_lock:
+                say("the server has no model (restarted?): sending the coefficients again")
+                if problem := set_coefs(self.stub, self.coefs, self.args):
+                    say(f"error: {problem}")
+            reply = self._call(row)
+        return reply
+
+    def _call(self, row: Row) -> pb2.PredictResponse:
+        return self.stub.Predict(pb2.PredictRequest(X=row.values), timeout=self.args.timeout, wait_for_ready=True)
 
 
 def predict_file(run: Run, workload: Workload, tally: Tally) -> None:
@@ -118,7 +134,7 @@ def predict_file(run: Run, workload: Workload, tally: Tally) -> None:
         if run.server_gone.is_set():
             return
         try:
-            reply = run.stub.Predict(pb2.PredictRequest(X=row.values), timeout=run.timeout, wait_for_ready=True)
+            reply = run.predict(row)
         except grpc.RpcError as error:
             if error.code() in SERVER_GONE:
                 run.lost_because = f"{error.code().name}: {error.details()}"
@@ -178,11 +194,12 @@ def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse
     return f"SetCoefs: {reply.error}" if reply.error else ""
 
 
-def run_workloads(stub: pb2_grpc.ModelServerStub, workloads: list[Workload], args: argparse.Namespace) -> tuple[list[Tally], str]:
+def run_workloads(stub: pb2_grpc.ModelServerStub, coefs: list[float], workloads: list[Workload],
+                  args: argparse.Namespace) -> tuple[list[Tally], str]:
     """One thread per workload; returns each one's tally and why the server was lost, if it was."""
     total_rows = sum(len(workload.rows) for workload in workloads)
     with tqdm(total=total_rows, unit="row", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
-        run = Run(stub, args.timeout, progress)
+        run = Run(stub, coefs, args, progress)
         tallies = [Tally() for _ in workloads]
         threads = [threading.Thread(target=predict_file, args=(run, workload, tally), daemon=True)
                    for workload, tally in zip(workloads, tallies)]
@@ -218,18 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         coefs = parse_coefs(args.coefs)
-        workloads = [read_workload(path) for path in args.csv_files]
+        texts = [read_csv_text(path) for path in args.csv_files]
         if args.tls_ca is not None and not args.tls_ca.is_file():
             raise UsageError(f"cannot read the CA certificate {args.tls_ca}")
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    workloads = [parse_workload(path, text) for path, text in zip(args.csv_files, texts)]
     with open_channel(args) as channel:
         stub = pb2_grpc.ModelServerStub(channel)
         if problem := set_coefs(stub, coefs, args):
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_FAILED
-        tallies, lost_because = run_workloads(stub, workloads, args)
+        tallies, lost_because = run_workloads(stub, coefs, workloads, args)
     for workload, tally in zip(workloads, tallies):
         say(f"{workload.path}: {len(workload.rows)} rows, {tally.hits} hits, {tally.misses} misses, "
             f"{tally.failed + workload.malformed} failed")

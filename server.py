@@ -26,7 +26,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stubs import pb2, pb2_grpc
+from stubs import NO_MODEL_ERROR, pb2, pb2_grpc
 
 log = logging.getLogger("modelserver")
 
@@ -284,7 +284,7 @@ class PredictionCache:
         with self._lock:
             model = self._model
             if model is None:
-                raise ModelError("no model yet: call SetCoefs first")
+                raise ModelError(NO_MODEL_ERROR)
             if width != model.width:
                 raise ModelError(f"X has {width} values per row but the model takes {model.width}")
             cached = self._entries.get(key)
