@@ -1,0 +1,308 @@
+"""Score the project as graders do: build and run the Docker image, then test it over gRPC and with client.py.
+
+    python3 autograde.py            build the image, start a container, run the checks inside it
+    python3 autograde.py --local    the same gRPC and client checks against server.py, without Docker
+
+Prints a table and `Score: N/100`, writes the results as JSON, exits 1 if any test failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+WORKLOADS = HERE / "workloads"
+CONTAINER_PORT = 5440
+
+# Each test's points; the checks that run inside the container are all but the first two.
+WEIGHTS = {
+    "docker_build_run": 10,
+    "run_docker_autograde": 0,
+    "protobuf_interface": 10,
+    "set_coefs": 10,
+    "predict": 10,
+    "predict_single_call_cache": 10,
+    "predict_full_cache_eviction": 10,
+    "set_coefs_cache_invalidation": 10,
+    "client_workload_1": 10,
+    "client_workload_2": 10,
+    "client_workload_3": 10,
+}
+DOCKER_TESTS = ("docker_build_run", "run_docker_autograde")
+
+# The four contract messages: field name -> (label, type), as FieldDescriptor names them.
+PROTO_CONTRACT = {
+    "SetCoefsRequest": {"coefs": ("LABEL_REPEATED", "TYPE_FLOAT")},
+    "SetCoefsResponse": {"error": ("LABEL_OPTIONAL", "TYPE_STRING")},
+    "PredictRequest": {"X": ("LABEL_REPEATED", "TYPE_FLOAT")},
+    "PredictResponse": {"y": ("LABEL_OPTIONAL", "TYPE_FLOAT"), "hit": ("LABEL_OPTIONAL", "TYPE_BOOL"),
+                        "error": ("LABEL_OPTIONAL", "TYPE_STRING")},
+}
+WORKLOAD_1 = ["no_repeats.csv"]  # no input repeats: exactly 0.0
+WORKLOAD_2 = ["lru_order.csv"]  # 7 hits in 21 rows under LRU (FIFO eviction would give 6)
+WORKLOAD_2_RATE = "0.3333333333333333"
+WORKLOAD_3 = ["threads_a.csv", "threads_b.csv", "threads_c.csv"]
+
+
+class CheckFailed(Exception):
+    pass
+
+
+@dataclass
+class Result:
+    name: str
+    weight: int
+    status: str  # passed, failed or skipped
+    detail: str = ""
+
+
+# --- the checks that talk to a running server ---------------------------------------------------
+
+
+def run_checks(host: str, port: int) -> list[Result]:
+    """Run every gRPC and client check against host:port; never raises."""
+    import grpc
+
+    from stubs import pb2, pb2_grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    stub = pb2_grpc.ModelServerStub(channel)
+
+    def set_coefs(coefs):
+        reply = stub.SetCoefs(pb2.SetCoefsRequest(coefs=coefs), timeout=10, wait_for_ready=True)
+        expect(reply.error == "", f"SetCoefs answered error {reply.error!r}")
+
+    def predict(*x):
+        reply = stub.Predict(pb2.PredictRequest(X=x), timeout=10)
+        expect(reply.error == "", f"Predict{x} answered error {reply.error!r}")
+        return reply
+
+    def check_protobuf_interface():
+        for message, expected in PROTO_CONTRACT.items():
+            with warnings.catch_warnings():  # graders read .label; protobuf 6 deprecates it but still has it
+                warnings.simplefilter("ignore", DeprecationWarning)
+                fields = {f.name: (f.label, f.type) for f in pb2.DESCRIPTOR.message_types_by_name[message].fields}
+            named = {name: (_enum_name("LABEL", label), _enum_name("TYPE", kind)) for name, (label, kind) in fields.items()}
+            expect(named == expected, f"{message} has {named}, expected {expected}")
+
+    def check_predict():
+        set_coefs([1, 2, 3])
+        y = predict(1, 2, 3).y
+        expect(y == 14.0, f"[1,2,3]·[1,2,3] gave {y}, expected 14")
+        x = (0.1234, 2.5, -1.75)
+        y, expected_y = predict(*x).y, 0.1234 * 1 + 2.5 * 2 - 1.75 * 3
+        expect(math.isclose(y, expected_y, abs_tol=1e-4), f"{x}·[1,2,3] gave {y}, expected {expected_y:.4f}")
+
+    def check_single_call_cache():
+        set_coefs([1, 2, 3])
+        first, second = predict(4, 5, 6), predict(4, 5, 6)
+        expect(not first.hit and second.hit, f"hit flags {first.hit}, {second.hit}; expected False, True")
+
+    def check_full_cache_eviction():
+        set_coefs([1, 2, 3])
+        predict(1, 1, 1)
+        for i in range(10):
+            predict(100 + i, 0, 0)
+        expect(not predict(1, 1, 1).hit, "the first input still hit after 10 other inputs")
+
+    def check_cache_invalidation():
+        set_coefs([1, 2, 3])
+        predict(7, 8, 9)
+        expect(predict(7, 8, 9).hit, "the repeated input did not hit before SetCoefs")
+        set_coefs([1, 2, 3])
+        expect(not predict(7, 8, 9).hit, "the input still hit after SetCoefs")
+
+    def check_workload_3():
+        before = stub.GetStats(pb2.GetStatsRequest(), timeout=10)
+        rate = float(client_last_line(port, WORKLOAD_3))
+        after = stub.GetStats(pb2.GetStatsRequest(), timeout=10)
+        rows = sum(count_rows(WORKLOADS / name) for name in WORKLOAD_3)
+        counted = (after.hits + after.misses) - (before.hits + before.misses)
+        expect(0.0 <= rate <= 1.0, f"hit rate {rate} is outside [0, 1]")
+        expect(counted == rows, f"the server answered {counted} predictions for {rows} rows")
+
+    checks: dict[str, Callable[[], None]] = {
+        "protobuf_interface": check_protobuf_interface,
+        "set_coefs": lambda: set_coefs([1, 2, 3]),
+        "predict": check_predict,
+        "predict_single_call_cache": check_single_call_cache,
+        "predict_full_cache_eviction": check_full_cache_eviction,
+        "set_coefs_cache_invalidation": check_cache_invalidation,
+        "client_workload_1": lambda: expect_last_line(port, WORKLOAD_1, "0.0"),
+        "client_workload_2": lambda: expect_last_line(port, WORKLOAD_2, WORKLOAD_2_RATE),
+        "client_workload_3": check_workload_3,
+    }
+    try:
+        return [run_check(name, check) for name, check in checks.items()]
+    finally:
+        channel.close()
+
+
+def run_check(name: str, check: Callable[[], None]) -> Result:
+    try:
+        check()
+    except Exception as error:  # a grader reports every failure as a result, whatever raised it
+        detail = str(error) if isinstance(error, CheckFailed) else f"{type(error).__name__}: {error}"
+        return Result(name, WEIGHTS[name], "failed", detail.strip().splitlines()[0] if detail.strip() else "")
+    return Result(name, WEIGHTS[name], "passed")
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def _enum_name(prefix: str, value: int) -> str:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    return next(name for name in dir(FieldDescriptor) if name.startswith(prefix + "_") and getattr(FieldDescriptor, name) == value)
+
+
+def count_rows(path: Path) -> int:
+    """Numeric, non-blank rows: what client.py sends."""
+    def numeric(line: str) -> bool:
+        try:
+            [float(cell) for cell in line.split(",")]
+        except ValueError:
+            return False
+        return True
+
+    return sum(1 for line in path.read_text().splitlines() if line.strip() and numeric(line))
+
+
+def client_last_line(port: int, workloads: list[str]) -> str:
+    command = [sys.executable, str(HERE / "client.py"), str(port), "1,2,3", *(str(WORKLOADS / name) for name in workloads)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    expect(result.returncode == 0, f"client.py exited {result.returncode}: {result.stderr.strip()[-300:]}")
+    lines = result.stdout.strip().splitlines()
+    expect(bool(lines), "client.py printed nothing on stdout")
+    return lines[-1]
+
+
+def expect_last_line(port: int, workloads: list[str], expected: str) -> None:
+    line = client_last_line(port, workloads)
+    expect(line == expected, f"client.py printed {line!r}, expected {expected!r}")
+
+
+# --- Docker -------------------------------------------------------------------------------------
+
+
+def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise CheckFailed("the docker command is not installed (use --local to grade without Docker)") from None
+    if check and result.returncode != 0:
+        raise CheckFailed(f"docker {args[0]} failed: {(result.stderr or result.stdout).strip()[-400:]}")
+    return result
+
+
+def build_image(image: str) -> None:
+    """`docker build -t IMAGE .`, with the sandbox's index and network where its variables are set."""
+    extra = []
+    if os.environ.get("TORCH_INDEX_URL"):
+        extra += ["--build-arg", f"TORCH_INDEX_URL={os.environ['TORCH_INDEX_URL']}"]
+    if os.environ.get("DOCKER_BUILD_NETWORK"):
+        extra += ["--network", os.environ["DOCKER_BUILD_NETWORK"]]
+    docker("build", *extra, "-t", image, str(HERE), timeout=1800)
+
+
+def wait_healthy(container: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = docker("inspect", "--format", "{{.State.Status}} {{.State.Health.Status}}", container).stdout.split()
+        if state == ["running", "healthy"]:
+            return
+        expect(state[0] == "running", f"the container stopped: {docker('logs', container, check=False).stderr[-400:]}")
+        time.sleep(0.5)  # Docker has no call that blocks until healthy
+    raise CheckFailed(f"the container was not healthy within {timeout:.0f} s")
+
+
+def run_in_container(container: str) -> list[Result]:
+    result = docker("exec", container, "python3", "/app/autograde.py", "--run-checks", "--port", str(CONTAINER_PORT),
+                    timeout=600)
+    return [Result(**fields) for fields in json.loads(result.stdout)]
+
+
+def grade_docker(image: str) -> list[Result]:
+    container = f"autograde-{os.getpid()}"
+    results = []
+    try:
+        try:
+            build_image(image)
+            docker("run", "-d", "--name", container, "-p", f"127.0.0.1::{CONTAINER_PORT}", image)
+            wait_healthy(container, timeout=120)
+        except (CheckFailed, subprocess.TimeoutExpired) as error:
+            return [Result("docker_build_run", WEIGHTS["docker_build_run"], "failed", str(error))] + [
+                Result(name, weight, "failed", "the container did not start")
+                for name, weight in WEIGHTS.items() if name != "docker_build_run"
+            ]
+        results.append(Result("docker_build_run", WEIGHTS["docker_build_run"], "passed"))
+        try:
+            inside = run_in_container(container)
+        except (CheckFailed, subprocess.TimeoutExpired, ValueError, TypeError) as error:
+            return results + [Result(name, weight, "failed", f"in-container runner: {error}")
+                              for name, weight in WEIGHTS.items() if name != "docker_build_run"]
+        return results + [Result("run_docker_autograde", 0, "passed")] + inside
+    finally:
+        docker("rm", "-f", container, check=False)
+
+
+def grade_local() -> list[Result]:
+    from serverproc import start_server
+
+    skipped = [Result(name, WEIGHTS[name], "skipped", "--local: no Docker") for name in DOCKER_TESTS]
+    with start_server() as server:
+        return skipped + run_checks("127.0.0.1", server.port)
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+
+def report(results: list[Result], json_path: Path) -> int:
+    """Print the table and the score, write the JSON; the exit code is 1 if any test failed."""
+    width = max(len(result.name) for result in results)
+    for result in results:
+        print(f"{result.name:<{width}}  {result.status:<7}  {result.weight:>3}  {result.detail}".rstrip())
+    score = sum(result.weight for result in results if result.status == "passed")
+    skipped = sum(result.weight for result in results if result.status == "skipped")
+    print(f"Score: {score}/100" + (f" ({skipped} points skipped)" if skipped else ""))
+    json_path.write_text(json.dumps({"score": score, "tests": [asdict(r) for r in results]}, indent=2) + "\n")
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--local", action="store_true", help="test server.py directly, without Docker")
+    parser.add_argument("--image", default="p3", help="image tag to build and run (default %(default)s)")
+    parser.add_argument("--json", type=Path, default=Path("autograde_results.json"), help="where to write results")
+    parser.add_argument("--run-checks", action="store_true", help=argparse.SUPPRESS)  # the in-container runner
+    parser.add_argument("--port", type=int, default=CONTAINER_PORT, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_checks:
+        print(json.dumps([asdict(result) for result in run_checks("localhost", args.port)]))
+        return 0
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `finally` removes the container either way
+    try:
+        results = grade_local() if args.local else grade_docker(args.image)
+    except KeyboardInterrupt:
+        print("interrupted; the container was removed", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError) as error:
+        print(f"error: could not start server.py: {error}", file=sys.stderr)
+        return 1
+    return report(results, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
