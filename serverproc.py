@@ -40,8 +40,9 @@ def wait_until_serving(channel: grpc.Channel, timeout: float, service: str = "")
 class ServerProcess:
     """A server.py child process; its stderr is kept in `log_lines`."""
 
-    def __init__(self, args: Sequence[str] = (), port: int = 0, env: dict | None = None, start_timeout: float = 30):
-        command = [sys.executable, "-u", str(SERVER_PY), "--host", "127.0.0.1", "--port", str(port), *args]
+    def __init__(self, args: Sequence[str] = (), port: int = 0, env: dict | None = None, start_timeout: float = 30,
+                 script: Path = SERVER_PY):
+        command = [sys.executable, "-u", str(script), "--host", "127.0.0.1", "--port", str(port), *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log_lines: list[str] = []
         self._port_found = threading.Event()
@@ -49,7 +50,7 @@ class ServerProcess:
         threading.Thread(target=self._read_log, daemon=True).start()
         if not self._port_found.wait(start_timeout) or self.port == 0:
             self.stop(signal.SIGKILL)
-            raise RuntimeError("server.py did not start:\n" + self.log)
+            raise RuntimeError(f"{script.name} did not start:\n" + self.log)
 
     def _read_log(self) -> None:
         for line in self.process.stderr:
@@ -92,9 +93,9 @@ class ServerProcess:
 
 
 def start_server(args: Sequence[str] = (), port: int = 0, env: dict | None = None, timeout: float = 30,
-                 tls_ca: bytes | None = None) -> ServerProcess:
-    """Start server.py and return once it is SERVING."""
-    server = ServerProcess(args, port=port, env=env, start_timeout=timeout)
+                 tls_ca: bytes | None = None, script: Path = SERVER_PY) -> ServerProcess:
+    """Start server.py (or another script that logs the same ready line) and return once it is SERVING."""
+    server = ServerProcess(args, port=port, env=env, start_timeout=timeout, script=script)
     try:
         with server.channel(tls_ca) as channel:
             wait_until_serving(channel, timeout)

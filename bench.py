@@ -1,0 +1,331 @@
+"""Closed-loop benchmark of Predict, measured against the gRPC floor in the same run.
+
+    python3 bench.py --floor                        server.py and a bare constant-answer server, alternately
+    python3 bench.py --mode miss --concurrency 16   one mode, one level
+    python3 bench.py --port 5440                    an already running server (no CPU figures)
+
+N concurrent callers on one grpc.aio channel call Predict for a fixed time; per level it reports requests
+per second, p50/p90/p99 latency, the hit rate, and the server's CPU time per request (read from
+/proc for servers it starts). With --floor every figure is also given as the ratio server / floor.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import logging
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import time
+import timeit
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import grpc
+from tqdm import tqdm
+
+from serverproc import ServerProcess, start_server, wait_until_serving
+from stubs import pb2, pb2_grpc
+
+HERE = Path(__file__).resolve().parent
+COEFS = [1.0, 2.0, 3.0]
+MODES = ("hit", "miss", "mix")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- the floor: the same service and pool, answering a constant ---------------------------------
+
+
+class ConstantModelServer(pb2_grpc.ModelServerServicer):
+    def SetCoefs(self, request, context):
+        return pb2.SetCoefsResponse()
+
+    def Predict(self, request, context):
+        return pb2.PredictResponse(y=1.0)
+
+
+def serve_floor(host: str, port: int, workers: int) -> int:
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=(("grpc.so_reuseport", 0),))
+    pb2_grpc.add_ModelServerServicer_to_server(ConstantModelServer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    print(f"ready: serving on {host}:{bound} (floor, {workers} workers)", file=sys.stderr, flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop(1).wait()
+    return 0
+
+
+# --- load ---------------------------------------------------------------------------------------
+
+
+def inputs(mode: str) -> Iterator[list[float]]:
+    """hit: one X forever; miss: a new X every call; mix: a skewed draw from 30 Xs, like a workload."""
+    if mode == "hit":
+        return itertools.repeat([1.0, 2.0, 3.0])
+    if mode == "miss":
+        return ([float(i), 0.5, 0.25] for i in itertools.count())
+    chooser = random.Random(544)
+    keys = [[float(k), 1.0, 2.0] for k in range(30)]
+    weights = [1 / (rank + 1) for rank in range(len(keys))]
+    return (chooser.choices(keys, weights)[0] for _ in itertools.count())
+
+
+@dataclass
+class Round:
+    target: str
+    concurrency: int
+    requests: int
+    rps: float
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    hit_rate: float
+    cpu_us_per_request: float | None
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+async def drive(address: str, concurrency: int, seconds: float, mode: str, credentials) -> tuple[list[float], int]:
+    """Closed loop: each caller sends its next request when the last one returns. Returns latencies and hits."""
+    channel = (grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address))
+    async with channel:
+        stub = pb2_grpc.ModelServerStub(channel)
+        source = inputs(mode)
+        latencies: list[float] = []
+        hits = 0
+        end = time.perf_counter() + seconds
+
+        async def caller():
+            nonlocal hits
+            while (started := time.perf_counter()) < end:
+                reply = await stub.Predict(pb2.PredictRequest(X=next(source)), timeout=10)
+                latencies.append(time.perf_counter() - started)
+                hits += reply.hit
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies, hits
+
+
+def measure(target: str, address: str, pid: int | None, concurrency: int, seconds: float, mode: str, credentials) -> Round:
+    asyncio.run(drive(address, concurrency, min(0.5, seconds / 4), mode, credentials))  # warm up connections
+    cpu_before = process_cpu_seconds(pid) if pid else 0.0
+    started = time.perf_counter()
+    latencies, hits = asyncio.run(drive(address, concurrency, seconds, mode, credentials))
+    elapsed = time.perf_counter() - started
+    cpu = process_cpu_seconds(pid) - cpu_before if pid else None
+    cuts = statistics.quantiles(latencies, n=100)
+    return Round(
+        target, concurrency, len(latencies), len(latencies) / elapsed,
+        cuts[49] * 1e6, cuts[89] * 1e6, cuts[98] * 1e6, hits / len(latencies),
+        cpu / len(latencies) * 1e6 if cpu is not None else None,
+    )
+
+
+def median_round(rounds: list[Round]) -> Round:
+    def median(name):
+        values = [getattr(r, name) for r in rounds]
+        return None if None in values else statistics.median(values)
+
+    first = rounds[0]
+    return Round(first.target, first.concurrency, sum(r.requests for r in rounds), median("rps"), median("p50_us"),
+                 median("p90_us"), median("p99_us"), median("hit_rate"), median("cpu_us_per_request"))
+
+
+# --- microbenchmarks ----------------------------------------------------------------------------
+
+
+def microbenchmarks() -> dict[str, float]:
+    """Median µs per PredictionCache.Predict call, one row of 3 values, hit and miss path."""
+    import torch
+
+    from server import PredictionCache
+
+    cache = PredictionCache()
+    cache.SetCoefs(torch.tensor([[1.0], [2.0], [3.0]]))
+    same = torch.tensor([[1.0, 2.0, 3.0]])
+    cache.Predict(same)
+    fresh = (torch.tensor([[float(i), 2.0, 3.0]]) for i in itertools.count())
+    misses = [next(fresh) for _ in range(7 * 20000)]
+    miss_inputs = iter(misses)
+
+    def per_call(function, number=20000):
+        return statistics.median(timeit.repeat(function, number=number, repeat=7)) / number * 1e6
+
+    return {
+        "predict_hit_us": per_call(lambda: cache.Predict(same)),
+        "predict_miss_us": per_call(lambda: cache.Predict(next(miss_inputs))),
+        "predict_row_hit_us": per_call(lambda: cache.predict_row([1.0, 2.0, 3.0])),
+    }
+
+
+def start_to_serving_seconds(times: int = 3) -> float:
+    durations = []
+    for _ in range(times):
+        started = time.perf_counter()
+        with start_server():
+            durations.append(time.perf_counter() - started)
+    return statistics.median(durations)
+
+
+# --- running and reporting ----------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    name: str
+    address: str
+    pid: int | None
+    process: ServerProcess | None
+
+
+def start_targets(args: argparse.Namespace) -> list[Target]:
+    if args.port:
+        return [Target("server", f"{args.host}:{args.port}", None, None)]
+    server = start_server()
+    targets = [Target("server", server.address, server.process.pid, server)]
+    if args.floor:
+        floor = start_server(["--serve-floor"], script=Path(__file__).resolve())
+        targets.insert(0, Target("floor", floor.address, floor.process.pid, floor))
+    return targets
+
+
+def set_coefs(address: str, credentials) -> None:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        wait_until_serving(channel, timeout=30)
+        reply = pb2_grpc.ModelServerStub(channel).SetCoefs(pb2.SetCoefsRequest(coefs=COEFS), timeout=10)
+    if reply.error:
+        raise SystemExit(f"error: SetCoefs: {reply.error}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    credentials = grpc.ssl_channel_credentials(args.tls_ca.read_bytes()) if args.tls_ca else None
+    targets = start_targets(args)
+    try:
+        for target in targets:
+            set_coefs(target.address, credentials)
+        plan = [(mode, level, r, target) for mode in args.modes for level in args.concurrency
+                for r in range(args.rounds) for target in targets]  # floor, server, floor, server, ...
+        measured: dict[tuple, list[Round]] = {}
+        for mode, level, _, target in tqdm(plan, desc="bench", unit="round", file=sys.stderr):
+            result = measure(target.name, target.address, target.pid, level, args.duration, mode, credentials)
+            measured.setdefault((mode, level, target.name), []).append(result)
+    finally:
+        for target in targets:
+            if target.process:
+                target.process.stop()
+    results = [{"mode": mode, **asdict(median_round(rounds))} for (mode, _, _), rounds in measured.items()]
+    report = {"machine": machine(), "duration_s": args.duration, "rounds": args.rounds, "results": results}
+    if args.floor:
+        report["ratios"] = ratios(results)
+    if args.micro:
+        report["micro"] = microbenchmarks()
+        report["start_to_serving_s"] = start_to_serving_seconds()
+    return report
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """server / floor for each figure, per mode and level: the number that survives a noisy machine."""
+    by_key = {(r["mode"], r["concurrency"], r["target"]): r for r in results}
+    out = []
+    for (mode, level, target), server in by_key.items():
+        floor = by_key.get((mode, level, "floor"))
+        if target != "server" or floor is None:
+            continue
+        figures = ("rps", "p50_us", "p99_us", "cpu_us_per_request")
+        out.append({"mode": mode, "concurrency": level, **{
+            name: round(server[name] / floor[name], 3) if server[name] and floor[name] else None for name in figures}})
+    return out
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "grpcio": grpc.__version__, "torch": torch.__version__}
+
+
+def print_tables(report: dict) -> None:
+    print(f"machine: {report['machine']}")
+    print(f"{'mode':<5} {'target':<6} {'clients':>7} {'rps':>8} {'p50 µs':>8} {'p90 µs':>8} {'p99 µs':>8} {'hit':>5} {'cpu µs/req':>10}")
+    for r in report["results"]:
+        cpu = f"{r['cpu_us_per_request']:.0f}" if r["cpu_us_per_request"] is not None else "-"
+        print(f"{r['mode']:<5} {r['target']:<6} {r['concurrency']:>7} {r['rps']:>8.0f} {r['p50_us']:>8.0f} "
+              f"{r['p90_us']:>8.0f} {r['p99_us']:>8.0f} {r['hit_rate']:>5.2f} {cpu:>10}")
+    if "ratios" in report:
+        print("\nserver / floor")
+        print(f"{'mode':<5} {'clients':>7} {'rps':>6} {'p50':>6} {'p99':>6} {'cpu/req':>8}")
+        for r in report["ratios"]:
+            cells = [f"{r[name]:.2f}" if r[name] is not None else "-" for name in ("rps", "p50_us", "p99_us", "cpu_us_per_request")]
+            print(f"{r['mode']:<5} {r['concurrency']:>7} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>8}")
+    if "micro" in report:
+        print("\nin process, µs per call: " + ", ".join(f"{k} {v:.2f}" for k, v in report["micro"].items()))
+        print(f"start to SERVING: {report['start_to_serving_s']:.2f} s")
+
+
+def concurrency_list(text: str) -> list[int]:
+    try:
+        levels = [int(cell) for cell in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,4,16, got {text!r}") from None
+    if any(level < 1 for level in levels):
+        raise argparse.ArgumentTypeError("every concurrency level must be at least 1")
+    return levels
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="host of --port's server (default %(default)s)")
+    parser.add_argument("--port", type=int, help="benchmark a running server instead of starting server.py")
+    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16], help="callers per level (default 1,4,16)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per round (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per target and level (default %(default)s)")
+    parser.add_argument("--mode", dest="modes", action="append", choices=MODES, help="hit, miss or mix; repeatable (default all)")
+    parser.add_argument("--floor", action="store_true", help="also drive a constant-answer server, alternately")
+    parser.add_argument("--micro", action="store_true", help="add in-process microbenchmarks and start-to-SERVING time")
+    parser.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server given by --port")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
+    parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.modes = args.modes or list(MODES)
+    if args.floor and args.port:
+        parser.error("--floor starts its own servers; leave out --port")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.serve_floor:
+        return serve_floor(args.host, args.port or 0, args.workers)
+    logging.disable(logging.WARNING)
+    try:
+        report = run(args)
+    except (RuntimeError, TimeoutError, grpc.RpcError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_tables(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
