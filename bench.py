@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> dict:
         plan = [(mode, level, r, target) for mode in args.modes for level in args.concurrency
                 for r in range(args.rounds) for target in targets]  # floor, server, floor, server, ...
         measured: dict[tuple, list[Round]] = {}
-        for mode, level, _, target in tqdm(plan, desc="bench", unit="round", file=sys.stderr):
+        for mode, level, _, target in tqdm(plan, desc="bench", unit="round", file=sys.stderr, disable=None):
             result = measure(target.name, target.address, target.pid, level, args.duration, mode, credentials)
             measured.setdefault((mode, level, target.name), []).append(result)
     finally:

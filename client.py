@@ -86,7 +86,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def parse_coefs(text: str) -> list[float]:
+def parse_coefs(text: str) -> list[float] | None:
+    """The coefficients to set, or None for "-": keep the model the server has (a served model file)."""
+    if text == "-":
+        return None
     try:
         return [float(cell) for cell in next(csv.reader([text]))]
     except (ValueError, StopIteration):
@@ -107,7 +110,7 @@ class Run:
     """What the worker threads share: the stub, the settings, and the first sign the server is gone."""
 
     stub: pb2_grpc.ModelServerStub
-    coefs: list[float]
+    coefs: list[float] | None
     args: argparse.Namespace
     progress: tqdm
     server_gone: threading.Event = field(default_factory=threading.Event)
@@ -117,7 +120,7 @@ class Run:
     def predict(self, row: Row) -> pb2.PredictResponse:
         """Predict one row; a server that restarted without a model gets the coefficients again."""
         reply = self._call(row)
-        if reply.error == NO_MODEL_ERROR:
+        if reply.error == NO_MODEL_ERROR and self.coefs is not None:
             with self._model_lock:
                 say("the server has no model (restarted?): sending the coefficients again")
                 if problem := set_coefs(self.stub, self.coefs, self.args):
@@ -194,7 +197,7 @@ def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse
     return f"SetCoefs: {reply.error}" if reply.error else ""
 
 
-def run_workloads(stub: pb2_grpc.ModelServerStub, coefs: list[float], workloads: list[Workload],
+def run_workloads(stub: pb2_grpc.ModelServerStub, coefs: list[float] | None, workloads: list[Workload],
                   args: argparse.Namespace) -> tuple[list[Tally], str]:
     """One thread per workload; returns each one's tally and why the server was lost, if it was."""
     total_rows = sum(len(workload.rows) for workload in workloads)
@@ -213,7 +216,7 @@ def run_workloads(stub: pb2_grpc.ModelServerStub, coefs: list[float], workloads:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="%(prog)s [options] PORT COEFS CSV [CSV ...]")
     parser.add_argument("port", type=int, help="the server's port")
-    parser.add_argument("coefs", help="comma-separated coefficients, e.g. 1.0,2.0,3.0")
+    parser.add_argument("coefs", help="comma-separated coefficients, e.g. 1.0,2.0,3.0; '-' keeps the served model")
     parser.add_argument("csv_files", nargs="+", metavar="CSV", help="one thread per file, one Predict per row")
     parser.add_argument("--host", default="localhost", help="server host (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=20.0, help="deadline of each call in seconds, retries included (default %(default)s)")
@@ -244,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     workloads = [parse_workload(path, text) for path, text in zip(args.csv_files, texts)]
     with open_channel(args) as channel:
         stub = pb2_grpc.ModelServerStub(channel)
-        if problem := set_coefs(stub, coefs, args):
+        if coefs is not None and (problem := set_coefs(stub, coefs, args)):
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_FAILED
         tallies, lost_because = run_workloads(stub, coefs, workloads, args)

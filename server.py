@@ -436,9 +436,10 @@ class RunningServer:
     port: int
 
     def stop(self, grace: float) -> None:
-        """NOT_SERVING first, then let in-flight calls finish within the grace period."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        """Refuse new calls, say NOT_SERVING, and let in-flight calls finish within the grace period."""
+        stopped = self.server.stop(grace)
+        self.health.enter_graceful_shutdown()  # reaches watchers: their streams are in flight
+        stopped.wait()
         self.cache.close()
 
 

@@ -58,10 +58,10 @@ def image(docker_env):
     return IMAGE
 
 
-def start_container(image, *run_args):
+def start_container(image, *run_args, command=()):
     """docker run on a free loopback port; returns (name, host port) once healthy."""
     name, port = f"p3-test-{os.getpid()}-{free_port()}", free_port()
-    autograde.docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5440", *run_args, image)
+    autograde.docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5440", *run_args, image, *command)
     try:
         autograde.wait_healthy(name, timeout=120)
     except BaseException:
@@ -169,3 +169,23 @@ def test_autograde_in_docker_mode_scores_100(image, tmp_path):
     assert '"score": 100' in results.read_text()
     leftover = autograde.docker("ps", "-a", "--filter", "name=autograde-", "--format", "{{.Names}}").stdout.strip()
     assert leftover == ""
+
+
+def test_serves_a_model_file_mounted_into_the_container(image, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    trained = subprocess.run([sys.executable, str(ROOT / "examples" / "train_linear.py"), str(models / "linear.pt")],
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    models.chmod(0o755)  # the container's user is not the owner
+    name, _ = start_container(image, "-v", f"{models}:/models:ro",
+                              command=("python3", "/app/server.py", "--model", "/models/linear.pt"))
+    try:
+        result = autograde.docker("exec", name, "python3", "client.py", "5440", "-", "workloads/lru_order.csv",
+                                  timeout=120, check=False)
+        logs = autograde.docker("logs", name).stderr
+    finally:
+        autograde.docker("rm", "-f", name, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == LRU_RATE
+    assert "model: /models/linear.pt" in logs

@@ -180,3 +180,14 @@ def test_unusable_model_files_are_refused_at_start_with_one_line(tmp_path, make_
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message.format(path=path) in lines[0], result.stderr
+
+
+def test_client_queries_a_served_model_file_without_setting_coefficients(example_model):
+    with serve(example_model) as server:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "client.py"), "--host", "127.0.0.1", str(server.port), "-",
+             str(ROOT / "workloads" / "lru_order.csv")],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0.3333333333333333"
