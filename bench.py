@@ -52,7 +52,7 @@ class ConstantModelServer(pb2_grpc.ModelServerServicer):
 
 
 def serve_floor(host: str, port: int, workers: int) -> int:
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health, health_pb2_grpc
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=(("grpc.so_reuseport", 0),))

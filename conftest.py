@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules: a real server.py process and stubs to call it."""
 import socket
+import threading
 from pathlib import Path
+from typing import Callable, Iterable
 
 import pytest
 
@@ -16,6 +18,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_concurrently(tasks: Iterable[Callable[[], None]], timeout: float = 60) -> None:
+    """Run each task in its own thread, all at once, and wait for them (bounded by `timeout`)."""
+    threads = [threading.Thread(target=task) for task in tasks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), f"tasks still running after {timeout} s"
 
 
 @pytest.fixture(scope="module")

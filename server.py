@@ -233,16 +233,15 @@ class PredictionCache:
     def set_model(self, model: ModelHandler) -> None:
         """Swap in a model atomically; a model that fails to initialize leaves the old one serving."""
         model.initialize()
-        with self._lock:
-            old_model, self._model = self._model, model
-            self._generation += 1
-            self._entries.clear()
-        if old_model is not None:
-            old_model.cleanup()
+        self._swap_model(model)
 
     def close(self) -> None:
+        """Release the model; Predict answers "no model" afterwards."""
+        self._swap_model(None)
+
+    def _swap_model(self, model: ModelHandler | None) -> None:
         with self._lock:
-            old_model, self._model = self._model, None
+            old_model, self._model = self._model, model
             self._generation += 1
             self._entries.clear()
         if old_model is not None:

@@ -104,29 +104,27 @@ def test_set_coefs_is_refused_and_changes_nothing_while_a_file_is_served(example
     assert (after.y, after.hit) == (before, True)
 
 
-def test_reload_rpc_swaps_the_model_and_empties_the_cache(tmp_path):
+def reload_by_rpc(server, stub):
+    assert stub.ReloadModel(pb2.ReloadModelRequest()).error == ""
+
+
+def reload_by_sighup(server, stub):
+    server.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "reloaded" not in server.log and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log line is the only sign a signal was handled
+
+
+@pytest.mark.parametrize("reload", [reload_by_rpc, reload_by_sighup], ids=["rpc", "sighup"])
+def test_a_reload_swaps_the_model_and_empties_the_cache(tmp_path, reload):
     path = save(Scaled(1.0), tmp_path / "model.pt")
     with serve(path) as server, server.channel() as channel:
         stub = pb2_grpc.ModelServerStub(channel)
         assert predict(stub, 1, 2, 3).y == 6.0
         save(Scaled(10.0), path)
-        assert stub.ReloadModel(pb2.ReloadModelRequest()).error == ""
+        reload(server, stub)
         reply = predict(stub, 1, 2, 3)
     assert (reply.y, reply.hit) == (60.0, False)
-
-
-def test_sighup_reloads_the_model_file(tmp_path):
-    path = save(Scaled(1.0), tmp_path / "model.pt")
-    with serve(path) as server, server.channel() as channel:
-        stub = pb2_grpc.ModelServerStub(channel)
-        predict(stub, 1, 2, 3)
-        save(Scaled(2.0), path)
-        server.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while "reloaded" not in server.log and time.monotonic() < deadline:
-            time.sleep(0.05)  # the log line is the only sign a signal was handled
-        reply = predict(stub, 1, 2, 3)
-    assert (reply.y, reply.hit) == (12.0, False)
 
 
 def test_a_reload_of_a_corrupt_file_keeps_the_old_model_and_says_why(tmp_path):

@@ -1,9 +1,9 @@
 """The real server.py over real gRPC: every RPC, the cache seen through it, errors, health, shutdown."""
+import functools
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import ROOT
+from conftest import ROOT, run_concurrently
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
 
@@ -209,11 +209,7 @@ def test_concurrent_clients_all_get_right_answers(stub, coefs_123):
             if reply.error or reply.y != offset + 2 * i:
                 wrong.append(f"{offset},{i}: {reply}")
 
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    run_concurrently((functools.partial(client, n) for n in range(8)), timeout=30)
     assert wrong == []
 
 

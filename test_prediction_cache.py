@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import run_concurrently
 from server import ModelError, PredictionCache, dot_float32, round_row
 
 COEFS = torch.tensor([[1.0], [2.0], [3.0]])
@@ -192,11 +193,7 @@ def test_concurrent_predicts_never_see_coefficients_older_than_the_last_returned
                 failures.append(f"got version {version}, allowed {oldest_allowed}..{newest_allowed}")
 
     cache.SetCoefs(torch.zeros(3, 1))
-    threads = [threading.Thread(target=reader) for _ in range(4)] + [threading.Thread(target=writer)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=20)
+    run_concurrently([reader] * 4 + [writer], timeout=20)
     assert done.is_set(), "the writer did not finish in time"
     assert failures == []
     assert cache.Predict(row(1, 2, 3))[0].item() == 6 * versions

@@ -1,4 +1,5 @@
 """Trust under pressure: concurrency, bad input, faults, the admin token and TLS, against real server.py."""
+import functools
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, run_concurrently
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
 
@@ -57,14 +58,13 @@ def test_16_clients_only_ever_see_coefficients_in_force_during_their_call(server
             if reply.error or not oldest <= version <= newest or took > DEADLINE:
                 problems.append(f"X=[{a},0,0] gave {reply}, allowed versions {oldest}..{newest}, took {took:.2f} s")
 
-    threads = [threading.Thread(target=reader, args=(n,)) for n in range(16)]
     writer_thread = threading.Thread(target=writer)
-    for thread in [writer_thread, *threads]:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    stop.set()
-    writer_thread.join(timeout=10)
+    writer_thread.start()
+    try:
+        run_concurrently((functools.partial(reader, n) for n in range(16)), timeout=30)
+    finally:
+        stop.set()
+        writer_thread.join(timeout=10)
     assert problems == []
     assert returned[0] > 10, "SetCoefs hardly ran: the test proved nothing"
 
@@ -133,11 +133,7 @@ def test_thousands_of_bad_requests_among_good_ones_leave_answers_and_counters_ri
             if reply.error or reply.y != worker + 2 * (i % 2):
                 wrong.append(f"{x} gave {reply}")
 
-    threads = [threading.Thread(target=client, args=(worker,)) for worker in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
+    run_concurrently(functools.partial(client, worker) for worker in range(4))
     after = stub.GetStats(pb2.GetStatsRequest())
     assert wrong == []
     assert (after.hits + after.misses) - (before.hits + before.misses) == 4 * 500  # only the good ones count
