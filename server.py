@@ -65,6 +65,23 @@ def round_row(row: Sequence[float]) -> list[float]:
     return array("f", rounded).tolist()
 
 
+_ROUNDED_KEYS: dict[tuple[float, ...], tuple[float, ...]] = {}  # raw row -> rounded key, a pure function
+_ROUNDED_KEYS_LIMIT = 4096
+
+
+def rounded_key(row: Sequence[float]) -> tuple[float, ...]:
+    """round_row as a cache key, remembered for recent rows: repeated inputs are what a cache serves."""
+    values = tuple(row)
+    key = _ROUNDED_KEYS.get(values)
+    if key is None:
+        key = tuple(round_row(values))
+        if 0.0 not in values:  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
+            if len(_ROUNDED_KEYS) >= _ROUNDED_KEYS_LIMIT:
+                _ROUNDED_KEYS.clear()  # dict operations are atomic: other threads just miss
+            _ROUNDED_KEYS[values] = key
+    return key
+
+
 def dot_float32(row: Sequence[float], coefs: Sequence[float]) -> float:
     """X @ coefs for one float32 row, summed left to right in float32 as torch does."""
     total = array("f", [0.0])
@@ -92,9 +109,9 @@ class ModelHandler:
     def run(self, X: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def run_row(self, row: list[float]) -> float:
+    def run_row(self, row: Sequence[float]) -> float:
         """One already-rounded row; a handler with an exact faster path overrides this."""
-        y = self.run(torch.tensor([row], dtype=torch.float32))
+        y = self.run(torch.tensor([list(row)], dtype=torch.float32))
         return float(one_value_per_row(y, rows=1))
 
     def cleanup(self) -> None:
@@ -127,7 +144,7 @@ class LinearModel(ModelHandler):
     def run(self, X: torch.Tensor) -> torch.Tensor:
         return X @ self._coefs
 
-    def run_row(self, row: list[float]) -> float:
+    def run_row(self, row: Sequence[float]) -> float:
         return dot_float32(row, self._coef_values)
 
 
@@ -264,14 +281,13 @@ class PredictionCache:
 
     def predict_row(self, row: Sequence[float]) -> tuple[float, bool]:
         """Predict for one row of floats: the server's hot path, equal bit for bit to Predict."""
-        if not row:
+        key = rounded_key(row)
+        if not key:
             raise ModelError("X is empty: send one value per coefficient")
-        rounded = round_row(row)
-        key = tuple(rounded)
         model, generation, cached = self._lookup(key, width=len(key))
         if cached is not None:
             return cached[0], True
-        y = model.run_row(rounded)
+        y = model.run_row(key)
         self._store(key, generation, (y,))
         return y, False
 

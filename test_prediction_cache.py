@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_concurrently
-from server import ModelError, PredictionCache, dot_float32, round_row
+from server import ModelError, PredictionCache, dot_float32, round_row, rounded_key
 
 COEFS = torch.tensor([[1.0], [2.0], [3.0]])
 
@@ -219,8 +219,22 @@ def test_plain_python_rounding_and_dot_equal_torch_bit_for_bit(x_and_coefs):
     X = torch.tensor([x], dtype=torch.float32)
     rounded = torch.round(X, decimals=4)
     assert [bits(v) for v in round_row(x)] == [bits(v) for v in rounded.flatten().tolist()]
-    y = (rounded @ torch.tensor(coefs, dtype=torch.float32).reshape(-1, 1)).item()
+    column = torch.tensor(coefs, dtype=torch.float32).reshape(-1, 1)
+    y = (rounded @ column).item()
     assert bits(dot_float32(round_row(x), coefs)) == bits(y)
+    cache = PredictionCache()
+    cache.SetCoefs(column)
+    for _ in range(2):  # computed, then remembered and cached
+        assert bits(cache.predict_row(x)[0]) == bits(y)
+
+
+def test_remembered_keys_keep_the_sign_of_zero(cache):
+    """0.0 == -0.0, so rows holding zeros must not be answered from the remembered roundings."""
+    for x in ([0.00001, 0.0], [-0.00001, -0.0], [0.0, 0.0], [-0.0, -0.0]):
+        assert [bits(v) for v in rounded_key(x)] == [bits(v) for v in round_row(x)]
+        cache.SetCoefs(torch.ones(2, 1))  # empties the cache: y comes from this row's own rounding
+        expected = (torch.round(torch.tensor([x]), decimals=4) @ torch.ones(2, 1)).item()
+        assert bits(cache.predict_row(x)[0]) == bits(expected)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
