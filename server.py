@@ -148,28 +148,28 @@ class LinearModel(ModelHandler):
         return dot_float32(row, self._coef_values)
 
 
-class TorchScriptModel(ModelHandler):
-    """A TorchScript file (torch.jit.save), run on the CPU."""
+class ModelFile(ModelHandler):
+    """A model file run on the CPU: a torch.export program (`.pt2`) or TorchScript (anything else)."""
 
     def __init__(self, path: Path, width: int | None = None):
         self.path = Path(path)
-        self._requested_width = width
-        self._module: torch.jit.ScriptModule | None = None
-        self.description = f"TorchScript model {self.path}"
+        self.requested_width = width
+        self._module: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.description = f"model file {self.path}"
 
     def initialize(self) -> None:
+        load = _load_exported_program if self.path.suffix == ".pt2" else _load_torchscript
         try:
-            module = torch.jit.load(str(self.path), map_location="cpu")
+            module, own_width = load(self.path)
         except Exception as error:  # any failure to load a user's file is reported, never raised
             raise ModelError(f"cannot load {self.path}: {_first_line(error)}") from None
-        module.eval()
-        width = self._requested_width or _input_width(module)
+        width = self.requested_width or own_width
         if width is None:
             raise ModelError(f"cannot tell the input width of {self.path}; pass --input-width")
         self._check_output_shape(module, width)
         self._module, self.width = module, width
 
-    def _check_output_shape(self, module: torch.jit.ScriptModule, width: int) -> None:
+    def _check_output_shape(self, module: Callable[[torch.Tensor], torch.Tensor], width: int) -> None:
         probe = torch.zeros(2, width)
         try:
             with torch.inference_mode():
@@ -188,14 +188,25 @@ class TorchScriptModel(ModelHandler):
         self._module = None
 
 
-def _input_width(module: torch.jit.ScriptModule) -> int | None:
-    """The model's own `input_width` attribute, else the in_features of its first linear layer."""
+def _load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, int | None]:
+    """The module, and its width: its own `input_width` attribute, else its first linear layer's in_features."""
+    module = torch.jit.load(str(path), map_location="cpu").eval()
     for candidate in (module, *module.modules()):
         for attribute in ("input_width", "in_features"):
             width = getattr(candidate, attribute, None)
             if isinstance(width, int) and width > 0:
-                return width
-    return None
+                return module, width
+    return module, None
+
+
+def _load_exported_program(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int | None]:
+    """The program's module, and its width: the static second dimension of its input."""
+    program = torch.export.load(str(path))
+    user_inputs = set(program.graph_signature.user_inputs)
+    first_input = next(node for node in program.graph.nodes if node.op == "placeholder" and node.name in user_inputs)
+    shape = getattr(first_input.meta.get("val"), "shape", ())
+    width = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
+    return program.module(), width
 
 
 def _first_line(error: BaseException) -> str:
@@ -358,7 +369,7 @@ def _answers_errors(response_type: type) -> Callable:
 class ModelServer(pb2_grpc.ModelServerServicer):
     """Translates requests to the cache: repeated floats in, floats and error strings out."""
 
-    def __init__(self, cache: PredictionCache, model_file: TorchScriptModel | None = None):
+    def __init__(self, cache: PredictionCache, model_file: ModelFile | None = None):
         self._cache = cache
         self._model_file = model_file
         self._reload_lock = threading.Lock()
@@ -391,7 +402,7 @@ class ModelServer(pb2_grpc.ModelServerServicer):
         if self._model_file is None:
             raise ModelError("no model file is served (start the server with --model PATH)")
         with self._reload_lock:
-            fresh = TorchScriptModel(self._model_file.path, self._model_file.width)
+            fresh = ModelFile(self._model_file.path, self._model_file.requested_width)
             self._cache.set_model(fresh)
             self._model_file = fresh
         log.info("reloaded %s", fresh.path)
@@ -460,7 +471,7 @@ class RunningServer:
 
 def start_server(config: ServerConfig) -> RunningServer:
     """Load the model, bind, start and report SERVING; ModelError or OSError says what failed."""
-    model_file = TorchScriptModel(config.model, config.input_width) if config.model else None
+    model_file = ModelFile(config.model, config.input_width) if config.model else None
     cache = PredictionCache(config.cache_size, model=model_file)
     servicer = ModelServer(cache, model_file)
     max_bytes = int(config.max_message_mb * 1024 * 1024)
@@ -550,7 +561,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     parser.add_argument("--port", type=_port, default=defaults.port, help="port, 0 for any free one (default %(default)s)")
     parser.add_argument("--workers", type=_positive_int, default=defaults.workers, help="worker threads (default %(default)s)")
     parser.add_argument("--cache-size", type=_positive_int, default=defaults.cache_size, help="LRU entries (default %(default)s)")
-    parser.add_argument("--model", type=Path, help="serve this TorchScript file instead of SetCoefs' linear model")
+    parser.add_argument("--model", type=Path,
+                        help="serve this model file (TorchScript, or a torch.export .pt2) instead of SetCoefs' linear model")
     parser.add_argument("--input-width", type=_positive_int, help="inputs per row, where the model file cannot tell")
     parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV) or None,
                         help=f"require 'authorization: Bearer TOKEN' for SetCoefs and ReloadModel (or ${ADMIN_TOKEN_ENV})")

@@ -189,3 +189,20 @@ def test_client_queries_a_served_model_file_without_setting_coefficients(example
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0.3333333333333333"
+
+
+def test_serves_and_reloads_a_torch_export_program(tmp_path):
+    path = tmp_path / "linear.pt2"
+    trained = subprocess.run([sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
+                             capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr
+    expected = torch.export.load(str(path)).module()(torch.tensor([[1.0, 2.0, 3.0]])).item()
+    with serve(path) as server, server.channel() as channel:
+        stub = pb2_grpc.ModelServerStub(channel)
+        first, second = predict(stub, 1.0, 2.0, 3.0), predict(stub, 1.0, 2.0, 3.0)
+        wrong_width = predict(stub, 1.0, 2.0)
+        assert stub.ReloadModel(pb2.ReloadModelRequest()).error == ""
+        after_reload = predict(stub, 1.0, 2.0, 3.0)
+    assert (first.y, first.hit, second.hit) == (pytest.approx(expected, abs=1e-6), False, True)
+    assert wrong_width.error == "X has 2 values per row but the model takes 3"
+    assert (after_reload.y, after_reload.hit) == (first.y, False)

@@ -1,6 +1,7 @@
-"""Train a small linear regression with SGD on generated data and export it as TorchScript.
+"""Train a small linear regression with SGD on generated data and export it for the server.
 
-    python3 examples/train_linear.py examples/linear.pt
+    python3 examples/train_linear.py examples/linear.pt     TorchScript
+    python3 examples/train_linear.py examples/linear.pt2    a torch.export program
     python3 server.py --model examples/linear.pt
 
 Nothing is downloaded: the data are y = X @ [2, -1, 0.5] + 3 plus a little noise.
@@ -49,14 +50,24 @@ def train(epochs: int, seed: int) -> LinearRegression:
     return model.eval()
 
 
+def save(model: LinearRegression, output: Path) -> None:
+    """A .pt2 file gets a torch.export program with any number of rows; anything else TorchScript."""
+    if output.suffix == ".pt2":
+        example = torch.zeros(2, model.input_width)
+        program = torch.export.export(model, (example,), dynamic_shapes={"X": {0: torch.export.Dim("rows")}})
+        torch.export.save(program, str(output))
+    else:
+        torch.jit.script(model).save(str(output))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("output", type=Path, help="where to write the TorchScript file")
+    parser.add_argument("output", type=Path, help="where to write the model: .pt2 for torch.export, else TorchScript")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     model = train(args.epochs, args.seed)
-    torch.jit.script(model).save(str(args.output))
+    save(model, args.output)
     weights = ", ".join(f"{w:.3f}" for w in model.linear.weight.flatten().tolist())
     print(f"wrote {args.output}: weights [{weights}], bias {model.linear.bias.item():.3f}")
 
