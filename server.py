@@ -277,11 +277,10 @@ class PredictionCache:
 
     def Predict(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """y = model(round(X, 4)) as a (rows, 1) tensor, and whether it came from the cache."""
-        X = _checked_matrix(X)
-        if X.shape[0] == 1:  # the common case, answered without torch ops
+        if isinstance(X, torch.Tensor) and X.dim() == 2 and X.shape[0] == 1:  # the common case, without torch ops
             y, hit = self.predict_row(X.tolist()[0])
             return torch.full((1, 1), y, dtype=torch.float32), hit
-        X = torch.round(X, decimals=DECIMALS)
+        X = torch.round(_checked_matrix(X), decimals=DECIMALS)
         key = tuple(X.flatten().tolist())
         model, generation, cached = self._lookup(key, width=X.shape[1])
         if cached is not None:
