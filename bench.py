@@ -320,8 +320,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="host of --port's server (default %(default)s)")
     parser.add_argument("--port", type=int, help="benchmark a running server instead of starting server.py")
     parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16], help="callers per level (default 1,4,16)")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per round (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds per target and level (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds per round (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=6,
+                        help="rounds per target and level; many short ones follow the machine's drift (default %(default)s)")
     parser.add_argument("--mode", dest="modes", action="append", choices=MODES, help="hit, miss or mix; repeatable (default all)")
     parser.add_argument("--floor", action="store_true", help="also drive a constant-answer server, alternately")
     parser.add_argument("--micro", action="store_true", help="add in-process microbenchmarks and start-to-SERVING time")

@@ -101,7 +101,6 @@ class ModelHandler:
     """
 
     width: int
-    description: str
 
     def initialize(self) -> None:
         pass
@@ -139,7 +138,6 @@ class LinearModel(ModelHandler):
         self._coefs = column
         self._coef_values = column.flatten().tolist()
         self.width = column.shape[0]
-        self.description = f"linear model with {self.width} coefficients"
 
     def run(self, X: torch.Tensor) -> torch.Tensor:
         return X @ self._coefs
@@ -155,7 +153,6 @@ class ModelFile(ModelHandler):
         self.path = Path(path)
         self.requested_width = width
         self._module: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.description = f"model file {self.path}"
 
     def initialize(self) -> None:
         load = _load_exported_program if self.path.suffix == ".pt2" else _load_torchscript
