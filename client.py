@@ -145,15 +145,19 @@ def predict_file(run: Run, workload: Workload, tally: Tally) -> None:
                 return
             say(f"{workload.path}:{row.line}: {error.code().name}: {error.details()}")
             tally.failed += 1
-            continue
-        if reply.error:
-            say(f"{workload.path}:{row.line}: {reply.error}")
-            tally.failed += 1
-        elif reply.hit:
-            tally.hits += 1
         else:
-            tally.misses += 1
+            tally_reply(workload, row, reply, tally)
         run.progress.update(1)
+
+
+def tally_reply(workload: Workload, row: Row, reply: pb2.PredictResponse, tally: Tally) -> None:
+    if reply.error:
+        say(f"{workload.path}:{row.line}: {reply.error}")
+        tally.failed += 1
+    elif reply.hit:
+        tally.hits += 1
+    else:
+        tally.misses += 1
 
 
 def retry_service_config(args: argparse.Namespace) -> str:
