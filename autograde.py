@@ -169,15 +169,10 @@ def _enum_name(prefix: str, value: int) -> str:
 
 
 def count_rows(path: Path) -> int:
-    """Numeric, non-blank rows: what client.py sends."""
-    def numeric(line: str) -> bool:
-        try:
-            [float(cell) for cell in line.split(",")]
-        except ValueError:
-            return False
-        return True
+    """The rows client.py sends for this file, parsed by client.py itself."""
+    from client import parse_workload
 
-    return sum(1 for line in path.read_text().splitlines() if line.strip() and numeric(line))
+    return len(parse_workload(str(path), path.read_text()).rows)
 
 
 def client_last_line(port: int, workloads: list[str]) -> str:

@@ -429,6 +429,13 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
         )
 
 
+def join_address(host: str, port: int) -> str:
+    """host:port, with a bare IPv6 host put in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 @dataclass
 class ServerConfig:
     host: str = "[::]"
@@ -445,8 +452,7 @@ class ServerConfig:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return join_address(self.host, self.port)
 
 
 @dataclass
@@ -522,7 +528,7 @@ def serve(config: ServerConfig) -> int:
     model = config.model or "linear coefficients (set by SetCoefs)"
     log.info(
         "ready: serving on %s (%d workers, cache size %d, model: %s%s)",
-        ServerConfig(config.host, running.port).address, config.workers, config.cache_size, model,
+        join_address(config.host, running.port), config.workers, config.cache_size, model,
         ", TLS" if config.tls_cert else "",
     )
     while (received := signal.sigwait(handled)) == signal.SIGHUP:

@@ -78,8 +78,8 @@ def container(image):
     autograde.docker("rm", "-f", name, check=False)
 
 
-def exec_client(name, *csvs):
-    return autograde.docker("exec", name, "python3", "client.py", "5440", "1,2,3", *csvs, timeout=120, check=False)
+def exec_client(name, *csvs, coefs="1,2,3"):
+    return autograde.docker("exec", name, "python3", "client.py", "5440", coefs, *csvs, timeout=120, check=False)
 
 
 def test_healthcheck_reports_healthy(container):
@@ -181,8 +181,7 @@ def test_serves_a_model_file_mounted_into_the_container(image, tmp_path):
     name, _ = start_container(image, "-v", f"{models}:/models:ro",
                               command=("python3", "/app/server.py", "--model", "/models/linear.pt"))
     try:
-        result = autograde.docker("exec", name, "python3", "client.py", "5440", "-", "workloads/lru_order.csv",
-                                  timeout=120, check=False)
+        result = exec_client(name, "workloads/lru_order.csv", coefs="-")
         logs = autograde.docker("logs", name).stderr
     finally:
         autograde.docker("rm", "-f", name, check=False)
