@@ -45,10 +45,11 @@ class ServerProcess:
         command = [sys.executable, "-u", str(script), "--host", "127.0.0.1", "--port", str(port), *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log_lines: list[str] = []
-        self._port_found = threading.Event()
         self.port = port
+        self._ready = False
+        self._ready_or_exited = threading.Event()
         threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._port_found.wait(start_timeout) or self.port == 0:
+        if not self._ready_or_exited.wait(start_timeout) or not self._ready:
             self.stop(signal.SIGKILL)
             raise RuntimeError(f"{script.name} did not start:\n" + self.log)
 
@@ -56,9 +57,9 @@ class ServerProcess:
         for line in self.process.stderr:
             self.log_lines.append(line)
             if match := READY_LINE.search(line):
-                self.port = int(match.group(1))
-                self._port_found.set()
-        self._port_found.set()  # exited: whoever waits learns it now rather than at the timeout
+                self.port, self._ready = int(match.group(1)), True
+                self._ready_or_exited.set()
+        self._ready_or_exited.set()  # exited: whoever waits learns it now rather than at the timeout
 
     @property
     def log(self) -> str:
