@@ -229,6 +229,11 @@ def run_in_container(container: str) -> list[Result]:
     return [Result(**fields) for fields in json.loads(result.stdout)]
 
 
+def all_failed_after_build(detail: str) -> list[Result]:
+    """Every test after docker_build_run, failed for one reason."""
+    return [Result(name, weight, "failed", detail) for name, weight in WEIGHTS.items() if name != "docker_build_run"]
+
+
 def grade_docker(image: str) -> list[Result]:
     container = f"autograde-{os.getpid()}"
     results = []
@@ -238,16 +243,13 @@ def grade_docker(image: str) -> list[Result]:
             docker("run", "-d", "--name", container, "-p", f"127.0.0.1::{CONTAINER_PORT}", image)
             wait_healthy(container, timeout=120)
         except (CheckFailed, subprocess.TimeoutExpired) as error:
-            return [Result("docker_build_run", WEIGHTS["docker_build_run"], "failed", str(error))] + [
-                Result(name, weight, "failed", "the container did not start")
-                for name, weight in WEIGHTS.items() if name != "docker_build_run"
-            ]
+            return [Result("docker_build_run", WEIGHTS["docker_build_run"], "failed", str(error))] + all_failed_after_build(
+                "the container did not start")
         results.append(Result("docker_build_run", WEIGHTS["docker_build_run"], "passed"))
         try:
             inside = run_in_container(container)
         except (CheckFailed, subprocess.TimeoutExpired, ValueError, TypeError) as error:
-            return results + [Result(name, weight, "failed", f"in-container runner: {error}")
-                              for name, weight in WEIGHTS.items() if name != "docker_build_run"]
+            return results + all_failed_after_build(f"in-container runner: {error}")
         return results + [Result("run_docker_autograde", 0, "passed")] + inside
     finally:
         docker("rm", "-f", container, check=False)
