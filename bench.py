@@ -334,6 +334,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.modes = args.modes or list(MODES)
     if args.floor and args.port:
         parser.error("--floor starts its own servers; leave out --port")
+    if args.tls_ca and not args.port:
+        parser.error("--tls-ca is for a running TLS server given by --port (the servers bench.py starts are plaintext)")
     return args
 
 
