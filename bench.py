@@ -12,29 +12,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import logging
 import os
 import platform
 import random
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import timeit
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import grpc
 from tqdm import tqdm
 
-from serverproc import ServerProcess, start_server, wait_until_serving
+from serverproc import SERVER_PY, ServerProcess, start_server, wait_until_serving
 from stubs import pb2, pb2_grpc
 
-HERE = Path(__file__).resolve().parent
+BENCH_PY = Path(__file__).resolve()
 COEFS = [1.0, 2.0, 3.0]
 MODES = ("hit", "miss", "mix")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -69,12 +73,15 @@ def serve_floor(host: str, port: int, workers: int) -> int:
 # --- load ---------------------------------------------------------------------------------------
 
 
+UNSEEN = itertools.count()  # shared by every round, so a miss is never a row the server has seen before
+
+
 def inputs(mode: str) -> Iterator[list[float]]:
     """hit: one X forever; miss: a new X every call; mix: a skewed draw from 30 Xs, like a workload."""
     if mode == "hit":
         return itertools.repeat([1.0, 2.0, 3.0])
     if mode == "miss":
-        return ([float(i), 0.5, 0.25] for i in itertools.count())
+        return ([float(i), 0.5, 0.25] for i in UNSEEN)
     chooser = random.Random(544)
     keys = [[float(k), 1.0, 2.0] for k in range(30)]
     weights = [1 / (rank + 1) for rank in range(len(keys))]
@@ -174,8 +181,9 @@ class StraightforwardCache:
         return y, False
 
 
-def microbenchmarks() -> dict[str, float]:
-    """Median µs per Predict call on one row of 3 values, hit and miss, ours and the straightforward one."""
+def microbenchmarks(repeats: int = 7, number: int = 20000) -> dict[str, float]:
+    """Median µs per Predict call on one row of 3 values, hit and miss, ours and the straightforward one,
+    timed in interleaved repeats so the machine's drift touches every figure alike."""
     import torch
 
     from server import PredictionCache
@@ -183,19 +191,22 @@ def microbenchmarks() -> dict[str, float]:
     coefs = torch.tensor([[1.0], [2.0], [3.0]])
     ours = PredictionCache()
     ours.SetCoefs(coefs)
-    figures = {}
+    calls = {}
     for name, cache in (("predict", ours), ("straightforward", StraightforwardCache(coefs))):
         same = torch.tensor([[1.0, 2.0, 3.0]])
         cache.Predict(same)
-        misses = iter([torch.tensor([[float(i), 2.0, 3.0]]) for i in range(7 * 20000)])
-        figures[f"{name}_hit_us"] = per_call(lambda: cache.Predict(same))
-        figures[f"{name}_miss_us"] = per_call(lambda: cache.Predict(next(misses)))
-    figures["predict_row_hit_us"] = per_call(lambda: ours.predict_row([1.0, 2.0, 3.0]))
+        misses = iter([torch.tensor([[i + 0.5, 2.0, 3.0]]) for i in range(repeats * number)])
+        calls[f"{name}_hit_us"] = functools.partial(cache.Predict, same)
+        calls[f"{name}_miss_us"] = lambda cache=cache, misses=misses: cache.Predict(next(misses))
+    calls["predict_row_hit_us"] = functools.partial(ours.predict_row, [1.0, 2.0, 3.0])
+    timings: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            timings[name].append(timeit.timeit(call, number=number) / number * 1e6)
+    figures = {name: statistics.median(values) for name, values in timings.items()}
+    for path in ("hit", "miss"):
+        figures[f"{path}_vs_straightforward"] = figures[f"predict_{path}_us"] / figures[f"straightforward_{path}_us"]
     return figures
-
-
-def per_call(function: Callable[[], object], number: int = 20000) -> float:
-    return statistics.median(timeit.repeat(function, number=number, repeat=7)) / number * 1e6
 
 
 def start_to_serving_seconds(times: int = 3) -> float:
@@ -205,6 +216,44 @@ def start_to_serving_seconds(times: int = 3) -> float:
         with start_server():
             durations.append(time.perf_counter() - started)
     return statistics.median(durations)
+
+
+# --- instruction counts: the figure a busy machine cannot move ----------------------------------
+
+
+def instructions_per_request(modes: Sequence[str], seconds: float) -> list[dict]:
+    """Instructions the floor and server.py execute per Predict under 16 callers, counted by valgrind's
+    callgrind from SERVING onwards: unlike seconds, the count is the same on a busy machine as on an idle one."""
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        raise RuntimeError("--instructions needs valgrind (Debian/Ubuntu: apt install valgrind)")
+    counts: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, args, script in (("floor", ["--serve-floor"], BENCH_PY), ("server", [], SERVER_PY)):
+            output = Path(folder) / f"{name}.callgrind"
+            wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}"]
+            server = start_server(args, timeout=900, script=script, wrapper=wrapper)
+            try:
+                set_coefs(server.address, None)
+                counts[name] = {mode: counted_run(server, output, mode, seconds, dump) for dump, mode in enumerate(modes, 1)}
+            finally:
+                server.stop()
+    return [{"mode": mode, "floor": round(counts["floor"][mode]), "server": round(counts["server"][mode]),
+             "ratio": round(counts["server"][mode] / counts["floor"][mode], 3)} for mode in modes]
+
+
+def counted_run(server: ServerProcess, output: Path, mode: str, seconds: float, dump: int) -> float:
+    """Warm up, zero the counters, drive the load, dump: instructions per request of that load alone."""
+    asyncio.run(drive(server.address, 16, 2.0, mode, None))
+    callgrind_control("--zero", server.process.pid)
+    latencies, _ = asyncio.run(drive(server.address, 16, seconds, mode, None))
+    callgrind_control("--dump", server.process.pid)
+    summary = next(line for line in Path(f"{output}.{dump}").read_text().splitlines()
+                   if line.startswith(("summary:", "totals:")))
+    return int(summary.split()[1]) / len(latencies)
+
+
+def callgrind_control(action: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", action, str(pid)], check=True, capture_output=True, timeout=120)
 
 
 # --- running and reporting ----------------------------------------------------------------------
@@ -224,7 +273,7 @@ def start_targets(args: argparse.Namespace) -> list[Target]:
     server = start_server()
     targets = [Target("server", server.address, server.process.pid, server)]
     if args.floor:
-        floor = start_server(["--serve-floor"], script=Path(__file__).resolve())
+        floor = start_server(["--serve-floor"], script=BENCH_PY)
         targets.insert(0, Target("floor", floor.address, floor.process.pid, floor))
     return targets
 
@@ -244,10 +293,10 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for target in targets:
             set_coefs(target.address, credentials)
-        plan = [(mode, level, r, target) for mode in args.modes for level in args.concurrency
-                for r in range(args.rounds) for target in targets]  # floor, server, floor, server, ...
+        plan = [(mode, level, target) for mode in args.modes for level in args.concurrency
+                for r in range(args.rounds) for target in (targets if r % 2 == 0 else targets[::-1])]  # ABBA
         measured: dict[tuple, list[Round]] = {}
-        for mode, level, _, target in tqdm(plan, desc="bench", unit="round", file=sys.stderr, disable=None):
+        for mode, level, target in tqdm(plan, desc="bench", unit="round", file=sys.stderr, disable=None):
             result = measure(target.name, target.address, target.pid, level, args.duration, mode, credentials)
             measured.setdefault((mode, level, target.name), []).append(result)
     finally:
@@ -257,25 +306,33 @@ def run(args: argparse.Namespace) -> dict:
     results = [{"mode": mode, **asdict(median_round(rounds))} for (mode, _, _), rounds in measured.items()]
     report = {"machine": machine(), "duration_s": args.duration, "rounds": args.rounds, "results": results}
     if args.floor:
-        report["ratios"] = ratios(results)
+        report["ratios"] = ratios(measured)
     if args.micro:
         report["micro"] = microbenchmarks()
         report["start_to_serving_s"] = start_to_serving_seconds()
+    if args.instructions:
+        report["instructions"] = instructions_per_request(args.modes, seconds=max(args.duration, 5.0))
     return report
 
 
-def ratios(results: list[dict]) -> list[dict]:
-    """server / floor for each figure, per mode and level: the number that survives a noisy machine."""
-    by_key = {(r["mode"], r["concurrency"], r["target"]): r for r in results}
+def ratios(measured: dict[tuple, list[Round]]) -> list[dict]:
+    """server / floor for each figure, per mode and level: the median over pairs of rounds run side by side,
+    which cancels the drift a shared machine shows from one minute to the next."""
+    figures = ("rps", "p50_us", "p99_us", "cpu_us_per_request")
     out = []
-    for (mode, level, target), server in by_key.items():
-        floor = by_key.get((mode, level, "floor"))
-        if target != "server" or floor is None:
+    for (mode, level, target), server_rounds in measured.items():
+        floor_rounds = measured.get((mode, level, "floor"))
+        if target != "server" or not floor_rounds:
             continue
-        figures = ("rps", "p50_us", "p99_us", "cpu_us_per_request")
-        out.append({"mode": mode, "concurrency": level, **{
-            name: round(server[name] / floor[name], 3) if server[name] and floor[name] else None for name in figures}})
+        out.append({"mode": mode, "concurrency": level,
+                    **{name: paired_ratio(server_rounds, floor_rounds, name) for name in figures}})
     return out
+
+
+def paired_ratio(server_rounds: list[Round], floor_rounds: list[Round], name: str) -> float | None:
+    pairs = [(getattr(server, name), getattr(floor, name)) for server, floor in zip(server_rounds, floor_rounds)]
+    quotients = [server / floor for server, floor in pairs if server and floor]
+    return round(statistics.median(quotients), 3) if quotients else None
 
 
 def machine() -> dict:
@@ -301,8 +358,14 @@ def print_tables(report: dict) -> None:
             cells = [f"{r[name]:.2f}" if r[name] is not None else "-" for name in ("rps", "p50_us", "p99_us", "cpu_us_per_request")]
             print(f"{r['mode']:<5} {r['concurrency']:>7} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>8}")
     if "micro" in report:
-        print("\nin process, µs per call: " + ", ".join(f"{k} {v:.2f}" for k, v in report["micro"].items()))
+        print("\nin process (µs per call; *_vs_straightforward are ratios): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in report["micro"].items()))
         print(f"start to SERVING: {report['start_to_serving_s']:.2f} s")
+    if "instructions" in report:
+        print("\ninstructions per request under callgrind (16 callers)")
+        print(f"{'mode':<5} {'floor':>9} {'server':>9} {'ratio':>6}")
+        for r in report["instructions"]:
+            print(f"{r['mode']:<5} {r['floor']:>9} {r['server']:>9} {r['ratio']:>6.2f}")
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -326,14 +389,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mode", dest="modes", action="append", choices=MODES, help="hit, miss or mix; repeatable (default all)")
     parser.add_argument("--floor", action="store_true", help="also drive a constant-answer server, alternately")
     parser.add_argument("--micro", action="store_true", help="add in-process microbenchmarks and start-to-SERVING time")
+    parser.add_argument("--instructions", action="store_true",
+                        help="add instructions per request, server vs floor, counted under valgrind (slow: minutes)")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server given by --port")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.modes = args.modes or list(MODES)
-    if args.floor and args.port:
-        parser.error("--floor starts its own servers; leave out --port")
+    if (args.floor or args.instructions) and args.port:
+        parser.error("--floor and --instructions start their own servers; leave out --port")
     if args.tls_ca and not args.port:
         parser.error("--tls-ca is for a running TLS server given by --port (the servers bench.py starts are plaintext)")
     return args

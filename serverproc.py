@@ -41,8 +41,8 @@ class ServerProcess:
     """A server.py child process; its stderr is kept in `log_lines`."""
 
     def __init__(self, args: Sequence[str] = (), port: int = 0, env: dict | None = None, start_timeout: float = 30,
-                 script: Path = SERVER_PY):
-        command = [sys.executable, "-u", str(script), "--host", "127.0.0.1", "--port", str(port), *args]
+                 script: Path = SERVER_PY, wrapper: Sequence[str] = ()):
+        command = [*wrapper, sys.executable, "-u", str(script), "--host", "127.0.0.1", "--port", str(port), *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log_lines: list[str] = []
         self.port = port
@@ -94,9 +94,10 @@ class ServerProcess:
 
 
 def start_server(args: Sequence[str] = (), port: int = 0, env: dict | None = None, timeout: float = 30,
-                 tls_ca: bytes | None = None, script: Path = SERVER_PY) -> ServerProcess:
-    """Start server.py (or another script that logs the same ready line) and return once it is SERVING."""
-    server = ServerProcess(args, port=port, env=env, start_timeout=timeout, script=script)
+                 tls_ca: bytes | None = None, script: Path = SERVER_PY, wrapper: Sequence[str] = ()) -> ServerProcess:
+    """Start server.py (or another script that logs the same ready line), run under `wrapper` if given
+    (a profiler's command line), and return once it is SERVING."""
+    server = ServerProcess(args, port=port, env=env, start_timeout=timeout, script=script, wrapper=wrapper)
     try:
         with server.channel(tls_ca) as channel:
             wait_until_serving(channel, timeout)
