@@ -3,10 +3,12 @@
     python3 bench.py --floor                        server.py and a bare constant-answer server, alternately
     python3 bench.py --mode miss --concurrency 16   one mode, one level
     python3 bench.py --port 5440                    an already running server (no CPU figures)
+    python3 bench.py --floor --instructions         also instructions per request under valgrind (minutes)
 
 N concurrent callers on one grpc.aio channel call Predict for a fixed time; per level it reports requests
 per second, p50/p90/p99 latency, the hit rate, and the server's CPU time per request (read from
-/proc for servers it starts). With --floor every figure is also given as the ratio server / floor.
+/proc for servers it starts). With --floor every figure is also given as the ratio server / floor, the median
+over pairs of rounds run side by side.
 """
 from __future__ import annotations
 
@@ -224,8 +226,6 @@ def start_to_serving_seconds(times: int = 3) -> float:
 def instructions_per_request(modes: Sequence[str], seconds: float) -> list[dict]:
     """Instructions the floor and server.py execute per Predict under 16 callers, counted by valgrind's
     callgrind from SERVING onwards: unlike seconds, the count is the same on a busy machine as on an idle one."""
-    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
-        raise RuntimeError("--instructions needs valgrind (Debian/Ubuntu: apt install valgrind)")
     counts: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, args, script in (("floor", ["--serve-floor"], BENCH_PY), ("server", [], SERVER_PY)):
@@ -247,8 +247,10 @@ def counted_run(server: ServerProcess, output: Path, mode: str, seconds: float, 
     callgrind_control("--zero", server.process.pid)
     latencies, _ = asyncio.run(drive(server.address, 16, seconds, mode, None))
     callgrind_control("--dump", server.process.pid)
-    summary = next(line for line in Path(f"{output}.{dump}").read_text().splitlines()
-                   if line.startswith(("summary:", "totals:")))
+    dumped = Path(f"{output}.{dump}").read_text().splitlines()
+    summary = next((line for line in dumped if line.startswith(("summary:", "totals:"))), None)
+    if summary is None:
+        raise RuntimeError(f"callgrind's dump {output}.{dump} has no instruction total")
     return int(summary.split()[1]) / len(latencies)
 
 
@@ -399,6 +401,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.modes = args.modes or list(MODES)
     if (args.floor or args.instructions) and args.port:
         parser.error("--floor and --instructions start their own servers; leave out --port")
+    if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        parser.error("--instructions needs valgrind on the PATH (Debian/Ubuntu: apt install valgrind)")
     if args.tls_ca and not args.port:
         parser.error("--tls-ca is for a running TLS server given by --port (the servers bench.py starts are plaintext)")
     return args
@@ -411,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.disable(logging.WARNING)
     try:
         report = run(args)
-    except (RuntimeError, TimeoutError, grpc.RpcError, OSError) as error:
+    except (RuntimeError, TimeoutError, grpc.RpcError, OSError, subprocess.SubprocessError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.json:

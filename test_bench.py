@@ -1,6 +1,7 @@
 """bench.py as a user runs it: short, real runs against real servers. Only the report's shape and its
 counts are asserted; timings belong in BENCHMARKS.md, not in tests."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,8 @@ from conftest import ROOT
 BENCH = [sys.executable, str(ROOT / "bench.py")]
 
 
-def run_bench(*options, timeout=120):
-    return subprocess.run([*BENCH, *options], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run_bench(*options, timeout=120, env=None):
+    return subprocess.run([*BENCH, *options], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_floor_run_reports_both_targets_and_paired_ratios():
@@ -48,3 +49,10 @@ def test_contradictory_options_are_refused_in_one_line(options, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_instructions_without_valgrind_is_refused_before_any_load():
+    result = run_bench("--instructions", timeout=30, env={**os.environ, "PATH": "/nonexistent"})
+    assert result.returncode == 2
+    assert "--instructions needs valgrind" in result.stderr
+    assert result.stdout == ""
