@@ -225,7 +225,7 @@ def start_to_serving_seconds(times: int = 3) -> float:
 
 def instructions_per_request(modes: Sequence[str], seconds: float) -> list[dict]:
     """Instructions the floor and server.py execute per Predict under 16 callers, counted by valgrind's
-    callgrind from SERVING onwards: unlike seconds, the count is the same on a busy machine as on an idle one."""
+    callgrind after a warm-up: unlike seconds, the count is the same on a busy machine as on an idle one."""
     counts: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         for name, args, script in (("floor", ["--serve-floor"], BENCH_PY), ("server", [], SERVER_PY)):
