@@ -11,6 +11,7 @@ from stubs import pb2, pb2_grpc
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent / "shared"
+CALL_DEADLINE = 5.0  # seconds any single test call may take; a hung server fails the test instead of hanging it
 
 
 def free_port() -> int:
@@ -18,6 +19,10 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def predict(stub: pb2_grpc.ModelServerStub, *x: float, timeout: float = CALL_DEADLINE) -> pb2.PredictResponse:
+    return stub.Predict(pb2.PredictRequest(X=x), timeout=timeout)
 
 
 def run_concurrently(tasks: Iterable[Callable[[], None]], timeout: float = 60) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, predict
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
 
@@ -48,9 +48,6 @@ def save(module: nn.Module, path):
     torch.jit.script(module).save(str(path))
     return path
 
-
-def predict(stub, *x):
-    return stub.Predict(pb2.PredictRequest(X=x), timeout=10)
 
 
 @pytest.fixture(scope="module")

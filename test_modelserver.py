@@ -11,13 +11,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import ROOT, run_concurrently
+from conftest import ROOT, predict, run_concurrently
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
 
-
-def predict(stub, *x):
-    return stub.Predict(pb2.PredictRequest(X=x))
 
 
 def stats(stub):

@@ -14,16 +14,11 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from conftest import ROOT, run_concurrently
+from conftest import CALL_DEADLINE, ROOT, predict, run_concurrently
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
 
 TOKEN = "tok-9f2c4e"
-DEADLINE = 5.0
-
-
-def predict(stub, *x, timeout=DEADLINE):
-    return stub.Predict(pb2.PredictRequest(X=x), timeout=timeout)
 
 
 def test_16_clients_only_ever_see_coefficients_in_force_during_their_call(server, stub):
@@ -38,7 +33,7 @@ def test_16_clients_only_ever_see_coefficients_in_force_during_their_call(server
         while not stop.is_set() and version < 2000:
             version += 1
             begun[0] = version
-            assert stub.SetCoefs(pb2.SetCoefsRequest(coefs=[version] * 3), timeout=DEADLINE).error == ""
+            assert stub.SetCoefs(pb2.SetCoefsRequest(coefs=[version] * 3), timeout=CALL_DEADLINE).error == ""
             returned[0] = version
 
     def reader(seed):
@@ -55,7 +50,7 @@ def test_16_clients_only_ever_see_coefficients_in_force_during_their_call(server
                 continue
             newest, took = begun[0], time.monotonic() - started
             version = reply.y / a
-            if reply.error or not oldest <= version <= newest or took > DEADLINE:
+            if reply.error or not oldest <= version <= newest or took > CALL_DEADLINE:
                 problems.append(f"X=[{a},0,0] gave {reply}, allowed versions {oldest}..{newest}, took {took:.2f} s")
 
     writer_thread = threading.Thread(target=writer)
