@@ -38,7 +38,7 @@ import grpc
 from tqdm import tqdm
 
 from serverproc import SERVER_PY, ServerProcess, start_server, wait_until_serving
-from stubs import pb2, pb2_grpc
+from stubs import join_address, pb2, pb2_grpc
 
 BENCH_PY = Path(__file__).resolve()
 COEFS = [1.0, 2.0, 3.0]
@@ -271,7 +271,7 @@ class Target:
 
 def start_targets(args: argparse.Namespace) -> list[Target]:
     if args.port:
-        return [Target("server", f"{args.host}:{args.port}", None, None)]
+        return [Target("server", join_address(args.host, args.port), None, None)]
     server = start_server()
     targets = [Target("server", server.address, server.process.pid, server)]
     if args.floor:

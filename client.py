@@ -20,9 +20,8 @@ from typing import Sequence
 import grpc
 from tqdm import tqdm
 
-from stubs import NO_MODEL_ERROR, pb2, pb2_grpc
+from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 
-TOKEN_ENV = "MODELSERVER_ADMIN_TOKEN"
 EXIT_FAILED, EXIT_USAGE = 1, 2
 SERVER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -179,7 +178,7 @@ def open_channel(args: argparse.Namespace) -> grpc.Channel:
         ("grpc.initial_reconnect_backoff_ms", int(args.backoff * 1000)),
         ("grpc.max_reconnect_backoff_ms", int(args.max_backoff * 1000)),
     ]
-    address = f"{args.host}:{args.port}"
+    address = join_address(args.host, args.port)
     if args.tls_ca is None:
         return grpc.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(root_certificates=args.tls_ca.read_bytes())
@@ -196,7 +195,7 @@ def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse
         if error.code() in SERVER_GONE:
             return f"could not reach the server at {args.host}:{args.port} within {args.timeout:g} s"
         if error.code() == grpc.StatusCode.PERMISSION_DENIED:
-            return f"SetCoefs refused: {error.details()} (pass --token or set {TOKEN_ENV})"
+            return f"SetCoefs refused: {error.details()} (pass --token or set {ADMIN_TOKEN_ENV})"
         return f"SetCoefs failed: {error.code().name}: {error.details()}"
     return f"SetCoefs: {reply.error}" if reply.error else ""
 
@@ -228,7 +227,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--backoff", type=float, default=1.0, help="first retry backoff in seconds (default %(default)s)")
     parser.add_argument("--backoff-multiplier", type=float, default=2.0, help="backoff growth per retry (default %(default)s)")
     parser.add_argument("--max-backoff", type=float, default=30.0, help="largest backoff in seconds (default %(default)s)")
-    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None, help=f"admin token for SetCoefs (default ${TOKEN_ENV})")
+    parser.add_argument("--token", default=os.environ.get(ADMIN_TOKEN_ENV) or None, help=f"admin token for SetCoefs (default ${ADMIN_TOKEN_ENV})")
     parser.add_argument("--tls-ca", type=Path, help="PEM certificate of the CA that signed the server's certificate")
     args = parser.parse_args(argv)
     if not 2 <= args.attempts <= 5:

@@ -26,7 +26,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stubs import NO_MODEL_ERROR, pb2, pb2_grpc
+from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 
 log = logging.getLogger("modelserver")
 
@@ -34,7 +34,6 @@ DECIMALS = 4
 SCALE = 10.0**DECIMALS
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
 ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
-ADMIN_TOKEN_ENV = "MODELSERVER_ADMIN_TOKEN"
 
 
 class ModelError(ValueError):
@@ -427,13 +426,6 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
             grpc.StatusCode.PERMISSION_DENIED,
             "this call needs the admin token: send the metadata 'authorization: Bearer <token>'",
         )
-
-
-def join_address(host: str, port: int) -> str:
-    """host:port, with a bare IPv6 host put in brackets."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
 
 
 @dataclass

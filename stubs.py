@@ -1,8 +1,10 @@
-"""The generated gRPC stubs, or one line saying how to make them."""
+"""The generated gRPC stubs (or one line saying how to make them), and what server and clients agree on."""
 import sys
 
 # The error a server without a model answers; a client that sees it after a restart sets its coefficients again.
 NO_MODEL_ERROR = "no model yet: call SetCoefs first"
+# Where the server and client.py read the admin token from when no flag gives it.
+ADMIN_TOKEN_ENV = "MODELSERVER_ADMIN_TOKEN"
 STUBS_COMMAND = "python3 -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto"
 
 try:
@@ -13,4 +15,13 @@ except ModuleNotFoundError as missing:
         raise
     sys.exit(f"error: the generated gRPC stubs are missing; run `make stubs` (or `{STUBS_COMMAND}`)")
 
-__all__ = ["pb2", "pb2_grpc", "NO_MODEL_ERROR", "STUBS_COMMAND"]
+
+
+def join_address(host: str, port: int) -> str:
+    """host:port, with a bare IPv6 host put in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+__all__ = ["pb2", "pb2_grpc", "ADMIN_TOKEN_ENV", "NO_MODEL_ERROR", "STUBS_COMMAND", "join_address"]
