@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hmac
+import itertools
 import logging
 import math
 import operator
@@ -74,11 +75,16 @@ def rounded_key(row: Sequence[float]) -> tuple[float, ...]:
     key = _ROUNDED_KEYS.get(values)
     if key is None:
         key = tuple(round_row(values))
-        if 0.0 not in values:  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
-            if len(_ROUNDED_KEYS) >= _ROUNDED_KEYS_LIMIT:
-                _ROUNDED_KEYS.clear()  # dict operations are atomic: other threads just miss
-            _ROUNDED_KEYS[values] = key
+        _remember_key(values, key)
     return key
+
+
+def _remember_key(values: tuple[float, ...], key: tuple[float, ...]) -> None:
+    if 0.0 in values:
+        return  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
+    if len(_ROUNDED_KEYS) >= _ROUNDED_KEYS_LIMIT:
+        _ROUNDED_KEYS.clear()  # dict operations are atomic: other threads just miss
+    _ROUNDED_KEYS[values] = key
 
 
 def dot_float32(row: Sequence[float], coefs: Sequence[float]) -> float:
@@ -95,7 +101,7 @@ def dot_float32(row: Sequence[float], coefs: Sequence[float]) -> float:
 class ModelHandler:
     """What a served model implements; the cache does the rest.
 
-    initialize() loads it, run() maps a (rows, width) float32 tensor to one value per row,
+    initialize() loads it, run() maps a (rows, width) float32 tensor to a (rows, 1) float32 column,
     cleanup() releases it. `width` is the number of inputs per row, known once initialized.
     """
 
@@ -109,8 +115,7 @@ class ModelHandler:
 
     def run_row(self, row: Sequence[float]) -> float:
         """One already-rounded row; a handler with an exact faster path overrides this."""
-        y = self.run(torch.tensor([list(row)], dtype=torch.float32))
-        return float(one_value_per_row(y, rows=1))
+        return self.run(torch.tensor([list(row)], dtype=torch.float32)).item()
 
     def cleanup(self) -> None:
         pass
@@ -139,7 +144,7 @@ class LinearModel(ModelHandler):
         self.width = column.shape[0]
 
     def run(self, X: torch.Tensor) -> torch.Tensor:
-        return X @ self._coefs
+        return torch.mm(X, self._coefs)
 
     def run_row(self, row: Sequence[float]) -> float:
         return dot_float32(row, self._coef_values)
@@ -178,7 +183,8 @@ class ModelFile(ModelHandler):
 
     def run(self, X: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self._module(X)
+            y = self._module(X)
+        return one_value_per_row(y, rows=X.shape[0])
 
     def cleanup(self) -> None:
         self._module = None
@@ -272,22 +278,29 @@ class PredictionCache:
             old_model.cleanup()
 
     def Predict(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """y = model(round(X, 4)) as a (rows, 1) tensor, and whether it came from the cache."""
-        if isinstance(X, torch.Tensor) and X.dim() == 2 and X.shape[0] == 1:  # the common case, without torch ops
-            y, hit = self.predict_row(X.tolist()[0])
-            return torch.full((1, 1), y, dtype=torch.float32), hit
-        X = torch.round(_checked_matrix(X), decimals=DECIMALS)
-        key = tuple(X.flatten().tolist())
-        model, generation, cached = self._lookup(key, width=X.shape[1])
+        """y = model(round(X, 4)) as a fresh (rows, 1) tensor, and whether it came from the cache."""
+        X, rows = _checked_rows(X)
+        one_row = tuple(rows[0]) if len(rows) == 1 else None
+        remembered = _ROUNDED_KEYS.get(one_row)  # only single rows are remembered
+        if remembered is not None:  # a row seen before: its key without a torch op
+            y, hit = self._predict_key(remembered)
+            return _column((y,)), hit
+        rounded = torch.round(X, decimals=DECIMALS)
+        key = tuple(itertools.chain.from_iterable(rounded.tolist()))
+        if one_row is not None:
+            _remember_key(one_row, key)
+        model, generation, cached = self._lookup(key, width=len(rows[0]))
         if cached is not None:
-            return torch.tensor(cached, dtype=torch.float32).reshape(-1, 1), True
-        y = one_value_per_row(model.run(X), rows=X.shape[0])
-        self._store(key, generation, tuple(y.flatten().tolist()))
+            return _column(cached), True
+        y = model.run(rounded)
+        self._store(key, generation, tuple(itertools.chain.from_iterable(y.tolist())))
         return y, False
 
     def predict_row(self, row: Sequence[float]) -> tuple[float, bool]:
         """Predict for one row of floats: the server's hot path, equal bit for bit to Predict."""
-        key = rounded_key(row)
+        return self._predict_key(rounded_key(row))
+
+    def _predict_key(self, key: tuple[float, ...]) -> tuple[float, bool]:
         if not key:
             raise ModelError("X is empty: send one value per coefficient")
         model, generation, cached = self._lookup(key, width=len(key))
@@ -329,14 +342,28 @@ class PredictionCache:
                 self._evictions += 1
 
 
-def _checked_matrix(X: torch.Tensor) -> torch.Tensor:
+_FLOAT32 = torch.empty(0, dtype=torch.float32)  # new_full takes its dtype, faster than parsing dtype=
+
+
+def _column(values: tuple[float, ...]) -> torch.Tensor:
+    """A new tensor on every call: a caller may change what Predict returns without touching the cache."""
+    if len(values) == 1:
+        return _FLOAT32.new_full((1, 1), values[0])
+    return torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
+
+
+def _checked_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[list[float]]]:
+    """X as float32 and its rows as lists of floats, or a ModelError that says what is wrong with it."""
     if not isinstance(X, torch.Tensor):
         raise ModelError(f"X must be a torch.Tensor, not {type(X).__name__}")
     if X.dim() != 2:
         raise ModelError(f"X must be 2-D (rows, n), got shape {tuple(X.shape)}")
-    if X.numel() == 0:
+    if X.dtype != torch.float32:
+        X = X.to(torch.float32)
+    rows = X.tolist()
+    if not rows or not rows[0]:
         raise ModelError(f"X is empty (shape {tuple(X.shape)})")
-    return X if X.dtype == torch.float32 else X.to(torch.float32)
+    return X, rows
 
 
 # --- the gRPC service ---------------------------------------------------------------------------

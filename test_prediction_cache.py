@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_concurrently
-from server import ModelError, PredictionCache, dot_float32, round_row, rounded_key
+from server import _ROUNDED_KEYS, ModelError, PredictionCache, dot_float32, round_row, rounded_key
 
 COEFS = torch.tensor([[1.0], [2.0], [3.0]])
 
@@ -222,10 +222,13 @@ def test_plain_python_rounding_and_dot_equal_torch_bit_for_bit(x_and_coefs):
     column = torch.tensor(coefs, dtype=torch.float32).reshape(-1, 1)
     y = (rounded @ column).item()
     assert bits(dot_float32(round_row(x), coefs)) == bits(y)
-    cache = PredictionCache()
-    cache.SetCoefs(column)
-    for _ in range(2):  # computed, then remembered and cached
-        assert bits(cache.predict_row(x)[0]) == bits(y)
+    tensor_cache, row_cache = PredictionCache(), PredictionCache()
+    tensor_cache.SetCoefs(column)
+    row_cache.SetCoefs(column)
+    _ROUNDED_KEYS.clear()  # so that Predict rounds this row with torch, not from a remembered key
+    assert bits(tensor_cache.Predict(X)[0].item()) == bits(y)
+    for _ in range(2):  # computed in plain Python, then cached
+        assert bits(row_cache.predict_row(x)[0]) == bits(y)
 
 
 def test_remembered_keys_keep_the_sign_of_zero(cache):
