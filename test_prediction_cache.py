@@ -50,6 +50,15 @@ def test_same_input_twice_hits_the_second_time(cache):
     assert hit is True and y.item() == 14.0
 
 
+def test_changing_a_returned_y_leaves_the_cache_alone(cache):
+    missed, _ = cache.Predict(row(1, 2, 3))
+    missed.add_(100)
+    hit_once, hit = cache.Predict(row(1, 2, 3))
+    hit_once.add_(100)
+    assert hit is True
+    assert cache.Predict(row(1, 2, 3))[0].item() == 14.0
+
+
 def test_inputs_equal_after_rounding_to_4_decimals_share_an_entry(cache):
     cache.Predict(row(1, 2, 3))
     y, hit = cache.Predict(row(1.00004, 2.00001, 2.99996))
