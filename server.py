@@ -358,8 +358,8 @@ def _checked_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[list[float]]]:
         raise ModelError(f"X must be a torch.Tensor, not {type(X).__name__}")
     if X.dim() != 2:
         raise ModelError(f"X must be 2-D (rows, n), got shape {tuple(X.shape)}")
-    if X.dtype != torch.float32:
-        X = X.to(torch.float32)
+    if X.requires_grad or X.dtype != torch.float32:
+        X = X.detach().to(torch.float32)  # answers are values, not part of the caller's autograd graph
     rows = X.tolist()
     if not rows or not rows[0]:
         raise ModelError(f"X is empty (shape {tuple(X.shape)})")

@@ -59,6 +59,12 @@ def test_changing_a_returned_y_leaves_the_cache_alone(cache):
     assert cache.Predict(row(1, 2, 3))[0].item() == 14.0
 
 
+def test_x_that_requires_grad_gets_answers_outside_its_graph(cache):
+    for _ in range(2):  # a miss, then a hit
+        y, _ = cache.Predict(row(1, 2, 3).requires_grad_())
+        assert y.item() == 14.0 and not y.requires_grad
+
+
 def test_inputs_equal_after_rounding_to_4_decimals_share_an_entry(cache):
     cache.Predict(row(1, 2, 3))
     y, hit = cache.Predict(row(1.00004, 2.00001, 2.99996))
