@@ -73,9 +73,9 @@ def run_checks(host: str, port: int) -> list[Result]:
     """Run every gRPC and client check against host:port; never raises."""
     import grpc
 
-    from stubs import pb2, pb2_grpc
+    from stubs import join_address, pb2, pb2_grpc
 
-    channel = grpc.insecure_channel(f"{host}:{port}")
+    channel = grpc.insecure_channel(join_address(host, port))
     stub = pb2_grpc.ModelServerStub(channel)
 
     def set_coefs(coefs):

@@ -64,7 +64,7 @@ def serve_floor(host: str, port: int, workers: int) -> int:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=(("grpc.so_reuseport", 0),))
     pb2_grpc.add_ModelServerServicer_to_server(ConstantModelServer(), server)
     health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(join_address(host, port))
     server.start()
     print(f"ready: serving on {host}:{bound} (floor, {workers} workers)", file=sys.stderr, flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})

@@ -193,7 +193,7 @@ def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse
                               metadata=metadata)
     except grpc.RpcError as error:
         if error.code() in SERVER_GONE:
-            return f"could not reach the server at {args.host}:{args.port} within {args.timeout:g} s"
+            return f"could not reach the server at {join_address(args.host, args.port)} within {args.timeout:g} s"
         if error.code() == grpc.StatusCode.PERMISSION_DENIED:
             return f"SetCoefs refused: {error.details()} (pass --token or set {ADMIN_TOKEN_ENV})"
         return f"SetCoefs failed: {error.code().name}: {error.details()}"
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hits, misses = sum(t.hits for t in tallies), sum(t.misses for t in tallies)
     failed = sum(t.failed for t in tallies) + sum(w.malformed for w in workloads)
     if lost_because:
-        say(f"error: lost the server at {args.host}:{args.port} ({lost_because}); "
+        say(f"error: lost the server at {join_address(args.host, args.port)} ({lost_because}); "
             f"counted {hits + misses} of {sum(len(w.rows) for w in workloads)} rows")
     if hits + misses:
         print(hits / (hits + misses), flush=True)

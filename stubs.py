@@ -16,7 +16,6 @@ except ModuleNotFoundError as missing:
     sys.exit(f"error: the generated gRPC stubs are missing; run `make stubs` (or `{STUBS_COMMAND}`)")
 
 
-
 def join_address(host: str, port: int) -> str:
     """host:port, with a bare IPv6 host put in brackets."""
     if ":" in host and not host.startswith("["):

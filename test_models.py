@@ -49,7 +49,6 @@ def save(module: nn.Module, path):
     return path
 
 
-
 @pytest.fixture(scope="module")
 def example_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "linear.pt"

@@ -16,7 +16,6 @@ from serverproc import start_server
 from stubs import pb2, pb2_grpc
 
 
-
 def stats(stub):
     return stub.GetStats(pb2.GetStatsRequest())
 
