@@ -286,14 +286,14 @@ class PredictionCache:
             y, hit = self._predict_key(remembered)
             return _column((y,)), hit
         rounded = torch.round(X, decimals=DECIMALS)
-        key = tuple(itertools.chain.from_iterable(rounded.tolist()))
+        key = _flat_values(rounded)
         if one_row is not None:
             _remember_key(one_row, key)
         model, generation, cached = self._lookup(key, width=len(rows[0]))
         if cached is not None:
             return _column(cached), True
         y = model.run(rounded)
-        self._store(key, generation, tuple(itertools.chain.from_iterable(y.tolist())))
+        self._store(key, generation, _flat_values(y))
         return y, False
 
     def predict_row(self, row: Sequence[float]) -> tuple[float, bool]:
@@ -350,6 +350,11 @@ def _column(values: tuple[float, ...]) -> torch.Tensor:
     if len(values) == 1:
         return _FLOAT32.new_full((1, 1), values[0])
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
+
+
+def _flat_values(matrix: torch.Tensor) -> tuple[float, ...]:
+    """A 2-D tensor's values row by row, as the cache keys and stores them (one tolist, no flatten op)."""
+    return tuple(itertools.chain.from_iterable(matrix.tolist()))
 
 
 def _checked_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[list[float]]]:
