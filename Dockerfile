@@ -23,7 +23,8 @@ RUN grep -v '^torch==' requirements.txt > /tmp/requirements-rest.txt \
 COPY modelserver.proto .
 RUN python3 -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto
 
-COPY stubs.py serverproc.py server.py client.py healthcheck.py autograde.py ./
+COPY stubs.py serverproc.py server.py models.py client.py autograde.py ./
+COPY deploy/docker/healthcheck.py ./
 COPY workloads ./workloads
 COPY examples ./examples
 

@@ -7,7 +7,7 @@ DEMO_PORT ?= 5440
 # Set to https://download.pytorch.org/whl/cpu to fetch the small CPU-only torch from PyTorch's index.
 TORCH_INDEX_URL ?=
 
-.PHONY: setup stubs serve demo test bench autograde clean
+.PHONY: setup stubs serve demo test lint bench autograde clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: stubs
 test: stubs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# ruff's lint rules and formatting, and mypy; settings in pyproject.toml.
+lint: stubs
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 bench: stubs
 	$(PY) bench.py $(ARGS)
 
@@ -40,4 +46,4 @@ autograde: stubs
 	$(PY) autograde.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(STUBS) .pytest_cache .hypothesis __pycache__
+	rm -rf $(VENV) $(STUBS) .pytest_cache .hypothesis .mypy_cache .ruff_cache __pycache__ */__pycache__

@@ -5,6 +5,7 @@
 
 Prints a table and `Score: N/100`, writes the results as JSON, exits 1 if any test failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 WORKLOADS = HERE / "workloads"
@@ -45,8 +46,11 @@ PROTO_CONTRACT = {
     "SetCoefsRequest": {"coefs": ("LABEL_REPEATED", "TYPE_FLOAT")},
     "SetCoefsResponse": {"error": ("LABEL_OPTIONAL", "TYPE_STRING")},
     "PredictRequest": {"X": ("LABEL_REPEATED", "TYPE_FLOAT")},
-    "PredictResponse": {"y": ("LABEL_OPTIONAL", "TYPE_FLOAT"), "hit": ("LABEL_OPTIONAL", "TYPE_BOOL"),
-                        "error": ("LABEL_OPTIONAL", "TYPE_STRING")},
+    "PredictResponse": {
+        "y": ("LABEL_OPTIONAL", "TYPE_FLOAT"),
+        "hit": ("LABEL_OPTIONAL", "TYPE_BOOL"),
+        "error": ("LABEL_OPTIONAL", "TYPE_STRING"),
+    },
 }
 WORKLOAD_1 = ["no_repeats.csv"]  # no input repeats: exactly 0.0
 WORKLOAD_2 = ["lru_order.csv"]  # 7 hits in 21 rows under LRU (FIFO eviction would give 6)
@@ -54,7 +58,7 @@ WORKLOAD_2_RATE = "0.3333333333333333"
 WORKLOAD_3 = ["threads_a.csv", "threads_b.csv", "threads_c.csv"]
 
 
-class CheckFailed(Exception):
+class CheckError(Exception):
     pass
 
 
@@ -73,99 +77,115 @@ def run_checks(host: str, port: int) -> list[Result]:
     """Run every gRPC and client check against host:port; never raises."""
     import grpc
 
-    from stubs import join_address, pb2, pb2_grpc
+    from stubs import join_address
 
-    channel = grpc.insecure_channel(join_address(host, port))
-    stub = pb2_grpc.ModelServerStub(channel)
+    with grpc.insecure_channel(join_address(host, port)) as channel:
+        checks = CourseChecks(channel, port)
+        return [run_check(name, check) for name, check in checks.by_name().items()]
 
-    def set_coefs(coefs):
-        reply = stub.SetCoefs(pb2.SetCoefsRequest(coefs=coefs), timeout=10, wait_for_ready=True)
+
+class CourseChecks:
+    """The course's checks, one method each, over one channel to the server under test."""
+
+    def __init__(self, channel, port: int):
+        from stubs import pb2, pb2_grpc
+
+        self.pb2 = pb2
+        self.stub = pb2_grpc.ModelServerStub(channel)
+        self.port = port
+
+    def by_name(self) -> dict[str, Callable[[], None]]:
+        return {
+            "protobuf_interface": self.protobuf_interface,
+            "set_coefs": lambda: self.set_coefs([1, 2, 3]),
+            "predict": self.predict_values,
+            "predict_single_call_cache": self.single_call_cache,
+            "predict_full_cache_eviction": self.full_cache_eviction,
+            "set_coefs_cache_invalidation": self.cache_invalidation,
+            "client_workload_1": lambda: expect_last_line(self.port, WORKLOAD_1, "0.0"),
+            "client_workload_2": lambda: expect_last_line(self.port, WORKLOAD_2, WORKLOAD_2_RATE),
+            "client_workload_3": self.workload_3,
+        }
+
+    def set_coefs(self, coefs: list[float]) -> None:
+        reply = self.stub.SetCoefs(self.pb2.SetCoefsRequest(coefs=coefs), timeout=10, wait_for_ready=True)
         expect(reply.error == "", f"SetCoefs answered error {reply.error!r}")
 
-    def predict(*x):
-        reply = stub.Predict(pb2.PredictRequest(X=x), timeout=10)
+    def predict(self, *x: float):
+        reply = self.stub.Predict(self.pb2.PredictRequest(X=x), timeout=10)
         expect(reply.error == "", f"Predict{x} answered error {reply.error!r}")
         return reply
 
-    def check_protobuf_interface():
+    def protobuf_interface(self) -> None:
         for message, expected in PROTO_CONTRACT.items():
             with warnings.catch_warnings():  # graders read .label; protobuf 6 deprecates it but still has it
                 warnings.simplefilter("ignore", DeprecationWarning)
-                fields = {f.name: (f.label, f.type) for f in pb2.DESCRIPTOR.message_types_by_name[message].fields}
-            named = {name: (_enum_name("LABEL", label), _enum_name("TYPE", kind)) for name, (label, kind) in fields.items()}
+                descriptor = self.pb2.DESCRIPTOR.message_types_by_name[message]
+                fields = {f.name: (f.label, f.type) for f in descriptor.fields}
+            named = {
+                name: (_enum_name("LABEL", label), _enum_name("TYPE", kind)) for name, (label, kind) in fields.items()
+            }
             expect(named == expected, f"{message} has {named}, expected {expected}")
 
-    def check_predict():
-        set_coefs([1, 2, 3])
-        y = predict(1, 2, 3).y
+    def predict_values(self) -> None:
+        self.set_coefs([1, 2, 3])
+        y = self.predict(1, 2, 3).y
         expect(y == 14.0, f"[1,2,3]·[1,2,3] gave {y}, expected 14")
         x = (0.1234, 2.5, -1.75)
-        y, expected_y = predict(*x).y, 0.1234 * 1 + 2.5 * 2 - 1.75 * 3
+        y, expected_y = self.predict(*x).y, 0.1234 * 1 + 2.5 * 2 - 1.75 * 3
         expect(math.isclose(y, expected_y, abs_tol=1e-4), f"{x}·[1,2,3] gave {y}, expected {expected_y:.4f}")
 
-    def check_single_call_cache():
-        set_coefs([1, 2, 3])
-        first, second = predict(4, 5, 6), predict(4, 5, 6)
+    def single_call_cache(self) -> None:
+        self.set_coefs([1, 2, 3])
+        first, second = self.predict(4, 5, 6), self.predict(4, 5, 6)
         expect(not first.hit and second.hit, f"hit flags {first.hit}, {second.hit}; expected False, True")
 
-    def check_full_cache_eviction():
-        set_coefs([1, 2, 3])
-        predict(1, 1, 1)
+    def full_cache_eviction(self) -> None:
+        self.set_coefs([1, 2, 3])
+        self.predict(1, 1, 1)
         for i in range(10):
-            predict(100 + i, 0, 0)
-        expect(not predict(1, 1, 1).hit, "the first input still hit after 10 other inputs")
+            self.predict(100 + i, 0, 0)
+        expect(not self.predict(1, 1, 1).hit, "the first input still hit after 10 other inputs")
 
-    def check_cache_invalidation():
-        set_coefs([1, 2, 3])
-        predict(7, 8, 9)
-        expect(predict(7, 8, 9).hit, "the repeated input did not hit before SetCoefs")
-        set_coefs([1, 2, 3])
-        expect(not predict(7, 8, 9).hit, "the input still hit after SetCoefs")
+    def cache_invalidation(self) -> None:
+        self.set_coefs([1, 2, 3])
+        self.predict(7, 8, 9)
+        expect(self.predict(7, 8, 9).hit, "the repeated input did not hit before SetCoefs")
+        self.set_coefs([1, 2, 3])
+        expect(not self.predict(7, 8, 9).hit, "the input still hit after SetCoefs")
 
-    def check_workload_3():
-        before = stub.GetStats(pb2.GetStatsRequest(), timeout=10)
-        rate = float(client_last_line(port, WORKLOAD_3))
-        after = stub.GetStats(pb2.GetStatsRequest(), timeout=10)
+    def workload_3(self) -> None:
+        before = self.stub.GetStats(self.pb2.GetStatsRequest(), timeout=10)
+        rate = float(client_last_line(self.port, WORKLOAD_3))
+        after = self.stub.GetStats(self.pb2.GetStatsRequest(), timeout=10)
         rows = sum(count_rows(WORKLOADS / name) for name in WORKLOAD_3)
         counted = (after.hits + after.misses) - (before.hits + before.misses)
         expect(0.0 <= rate <= 1.0, f"hit rate {rate} is outside [0, 1]")
         expect(counted == rows, f"the server answered {counted} predictions for {rows} rows")
-
-    checks: dict[str, Callable[[], None]] = {
-        "protobuf_interface": check_protobuf_interface,
-        "set_coefs": lambda: set_coefs([1, 2, 3]),
-        "predict": check_predict,
-        "predict_single_call_cache": check_single_call_cache,
-        "predict_full_cache_eviction": check_full_cache_eviction,
-        "set_coefs_cache_invalidation": check_cache_invalidation,
-        "client_workload_1": lambda: expect_last_line(port, WORKLOAD_1, "0.0"),
-        "client_workload_2": lambda: expect_last_line(port, WORKLOAD_2, WORKLOAD_2_RATE),
-        "client_workload_3": check_workload_3,
-    }
-    try:
-        return [run_check(name, check) for name, check in checks.items()]
-    finally:
-        channel.close()
 
 
 def run_check(name: str, check: Callable[[], None]) -> Result:
     try:
         check()
     except Exception as error:  # a grader reports every failure as a result, whatever raised it
-        detail = str(error) if isinstance(error, CheckFailed) else f"{type(error).__name__}: {error}"
+        detail = str(error) if isinstance(error, CheckError) else f"{type(error).__name__}: {error}"
         return Result(name, WEIGHTS[name], "failed", detail.strip().splitlines()[0] if detail.strip() else "")
     return Result(name, WEIGHTS[name], "passed")
 
 
 def expect(condition: bool, message: str) -> None:
     if not condition:
-        raise CheckFailed(message)
+        raise CheckError(message)
 
 
 def _enum_name(prefix: str, value: int) -> str:
     from google.protobuf.descriptor import FieldDescriptor
 
-    return next(name for name in dir(FieldDescriptor) if name.startswith(prefix + "_") and getattr(FieldDescriptor, name) == value)
+    return next(
+        name
+        for name in dir(FieldDescriptor)
+        if name.startswith(prefix + "_") and getattr(FieldDescriptor, name) == value
+    )
 
 
 def count_rows(path: Path) -> int:
@@ -176,8 +196,14 @@ def count_rows(path: Path) -> int:
 
 
 def client_last_line(port: int, workloads: list[str]) -> str:
-    command = [sys.executable, str(HERE / "client.py"), str(port), "1,2,3", *(str(WORKLOADS / name) for name in workloads)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    command = [
+        sys.executable,
+        str(HERE / "client.py"),
+        str(port),
+        "1,2,3",
+        *(str(WORKLOADS / name) for name in workloads),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     expect(result.returncode == 0, f"client.py exited {result.returncode}: {result.stderr.strip()[-300:]}")
     lines = result.stdout.strip().splitlines()
     expect(bool(lines), "client.py printed nothing on stdout")
@@ -194,11 +220,11 @@ def expect_last_line(port: int, workloads: list[str], expected: str) -> None:
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
     try:
-        result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+        result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError:
-        raise CheckFailed("the docker command is not installed (use --local to grade without Docker)") from None
+        raise CheckError("the docker command is not installed (use --local to grade without Docker)") from None
     if check and result.returncode != 0:
-        raise CheckFailed(f"docker {args[0]} failed: {(result.stderr or result.stdout).strip()[-400:]}")
+        raise CheckError(f"docker {args[0]} failed: {(result.stderr or result.stdout).strip()[-400:]}")
     return result
 
 
@@ -220,12 +246,13 @@ def wait_healthy(container: str, timeout: float) -> None:
             return
         expect(state[0] == "running", f"the container stopped: {docker('logs', container, check=False).stderr[-400:]}")
         time.sleep(0.5)  # Docker has no call that blocks until healthy
-    raise CheckFailed(f"the container was not healthy within {timeout:.0f} s")
+    raise CheckError(f"the container was not healthy within {timeout:.0f} s")
 
 
 def run_in_container(container: str) -> list[Result]:
-    result = docker("exec", container, "python3", "/app/autograde.py", "--run-checks", "--port", str(CONTAINER_PORT),
-                    timeout=600)
+    result = docker(
+        "exec", container, "python3", "/app/autograde.py", "--run-checks", "--port", str(CONTAINER_PORT), timeout=600
+    )
     return [Result(**fields) for fields in json.loads(result.stdout)]
 
 
@@ -242,15 +269,15 @@ def grade_docker(image: str) -> list[Result]:
             build_image(image)
             docker("run", "-d", "--name", container, "-p", f"127.0.0.1::{CONTAINER_PORT}", image)
             wait_healthy(container, timeout=120)
-        except (CheckFailed, subprocess.TimeoutExpired) as error:
-            return [Result("docker_build_run", WEIGHTS["docker_build_run"], "failed", str(error))] + all_failed_after_build(
-                "the container did not start")
+        except (CheckError, subprocess.TimeoutExpired) as error:
+            failed = Result("docker_build_run", WEIGHTS["docker_build_run"], "failed", str(error))
+            return [failed, *all_failed_after_build("the container did not start")]
         results.append(Result("docker_build_run", WEIGHTS["docker_build_run"], "passed"))
         try:
             inside = run_in_container(container)
-        except (CheckFailed, subprocess.TimeoutExpired, ValueError, TypeError) as error:
+        except (CheckError, subprocess.TimeoutExpired, ValueError, TypeError) as error:
             return results + all_failed_after_build(f"in-container runner: {error}")
-        return results + [Result("run_docker_autograde", 0, "passed")] + inside
+        return [*results, Result("run_docker_autograde", 0, "passed"), *inside]
     finally:
         docker("rm", "-f", container, check=False)
 

@@ -10,6 +10,7 @@ per second, p50/p90/p99 latency, the hit rate, and the server's CPU time per req
 /proc for servers it starts). With --floor every figure is also given as the ratio server / floor, the median
 over pairs of rounds run side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,10 @@ import sys
 import tempfile
 import time
 import timeit
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import grpc
 from tqdm import tqdm
@@ -110,7 +111,7 @@ def process_cpu_seconds(pid: int) -> float:
 
 async def drive(address: str, concurrency: int, seconds: float, mode: str, credentials) -> tuple[list[float], int]:
     """Closed loop: each caller sends its next request when the last one returns. Returns latencies and hits."""
-    channel = (grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address))
+    channel = grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
     async with channel:
         stub = pb2_grpc.ModelServerStub(channel)
         source = inputs(mode)
@@ -129,7 +130,9 @@ async def drive(address: str, concurrency: int, seconds: float, mode: str, crede
     return latencies, hits
 
 
-def measure(target: str, address: str, pid: int | None, concurrency: int, seconds: float, mode: str, credentials) -> Round:
+def measure(
+    target: str, address: str, pid: int | None, *, concurrency: int, seconds: float, mode: str, credentials
+) -> Round:
     asyncio.run(drive(address, concurrency, min(0.5, seconds / 4), mode, credentials))  # warm up connections
     cpu_before = process_cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
@@ -138,8 +141,14 @@ def measure(target: str, address: str, pid: int | None, concurrency: int, second
     cpu = process_cpu_seconds(pid) - cpu_before if pid else None
     cuts = statistics.quantiles(latencies, n=100)
     return Round(
-        target, concurrency, len(latencies), len(latencies) / elapsed,
-        cuts[49] * 1e6, cuts[89] * 1e6, cuts[98] * 1e6, hits / len(latencies),
+        target,
+        concurrency,
+        len(latencies),
+        len(latencies) / elapsed,
+        cuts[49] * 1e6,
+        cuts[89] * 1e6,
+        cuts[98] * 1e6,
+        hits / len(latencies),
         cpu / len(latencies) * 1e6 if cpu is not None else None,
     )
 
@@ -150,8 +159,17 @@ def median_round(rounds: list[Round]) -> Round:
         return None if None in values else statistics.median(values)
 
     first = rounds[0]
-    return Round(first.target, first.concurrency, sum(r.requests for r in rounds), median("rps"), median("p50_us"),
-                 median("p90_us"), median("p99_us"), median("hit_rate"), median("cpu_us_per_request"))
+    return Round(
+        first.target,
+        first.concurrency,
+        sum(r.requests for r in rounds),
+        median("rps"),
+        median("p50_us"),
+        median("p90_us"),
+        median("p99_us"),
+        median("hit_rate"),
+        median("cpu_us_per_request"),
+    )
 
 
 # --- microbenchmarks ----------------------------------------------------------------------------
@@ -183,6 +201,11 @@ class StraightforwardCache:
         return y, False
 
 
+def predict_next(cache, rows: Iterator) -> object:
+    """One in-process Predict of the next row never sent before: a miss."""
+    return cache.Predict(next(rows))
+
+
 def microbenchmarks(repeats: int = 7, number: int = 20000) -> dict[str, float]:
     """Median µs per Predict call on one row of 3 values, hit and miss, ours and the straightforward one,
     timed in interleaved repeats so the machine's drift touches every figure alike."""
@@ -193,13 +216,13 @@ def microbenchmarks(repeats: int = 7, number: int = 20000) -> dict[str, float]:
     coefs = torch.tensor([[1.0], [2.0], [3.0]])
     ours = PredictionCache()
     ours.SetCoefs(coefs)
-    calls = {}
+    calls: dict[str, Callable[[], object]] = {}
     for name, cache in (("predict", ours), ("straightforward", StraightforwardCache(coefs))):
         same = torch.tensor([[1.0, 2.0, 3.0]])
         cache.Predict(same)
         misses = iter([torch.tensor([[i + 0.5, 2.0, 3.0]]) for i in range(repeats * number)])
         calls[f"{name}_hit_us"] = functools.partial(cache.Predict, same)
-        calls[f"{name}_miss_us"] = lambda cache=cache, misses=misses: cache.Predict(next(misses))
+        calls[f"{name}_miss_us"] = functools.partial(predict_next, cache, misses)
     calls["predict_row_hit_us"] = functools.partial(ours.predict_row, [1.0, 2.0, 3.0])
     timings: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -234,11 +257,20 @@ def instructions_per_request(modes: Sequence[str], seconds: float) -> list[dict]
             server = start_server(args, timeout=900, script=script, wrapper=wrapper)
             try:
                 set_coefs(server.address, None)
-                counts[name] = {mode: counted_run(server, output, mode, seconds, dump) for dump, mode in enumerate(modes, 1)}
+                counts[name] = {
+                    mode: counted_run(server, output, mode, seconds, dump) for dump, mode in enumerate(modes, 1)
+                }
             finally:
                 server.stop()
-    return [{"mode": mode, "floor": round(counts["floor"][mode]), "server": round(counts["server"][mode]),
-             "ratio": round(counts["server"][mode] / counts["floor"][mode], 3)} for mode in modes]
+    return [
+        {
+            "mode": mode,
+            "floor": round(counts["floor"][mode]),
+            "server": round(counts["server"][mode]),
+            "ratio": round(counts["server"][mode] / counts["floor"][mode], 3),
+        }
+        for mode in modes
+    ]
 
 
 def counted_run(server: ServerProcess, output: Path, mode: str, seconds: float, dump: int) -> float:
@@ -295,11 +327,24 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for target in targets:
             set_coefs(target.address, credentials)
-        plan = [(mode, level, target) for mode in args.modes for level in args.concurrency
-                for r in range(args.rounds) for target in (targets if r % 2 == 0 else targets[::-1])]  # ABBA
+        plan = [
+            (mode, level, target)
+            for mode in args.modes
+            for level in args.concurrency
+            for r in range(args.rounds)
+            for target in (targets if r % 2 == 0 else targets[::-1])
+        ]  # ABBA
         measured: dict[tuple, list[Round]] = {}
         for mode, level, target in tqdm(plan, desc="bench", unit="round", file=sys.stderr, disable=None):
-            result = measure(target.name, target.address, target.pid, level, args.duration, mode, credentials)
+            result = measure(
+                target.name,
+                target.address,
+                target.pid,
+                concurrency=level,
+                seconds=args.duration,
+                mode=mode,
+                credentials=credentials,
+            )
             measured.setdefault((mode, level, target.name), []).append(result)
     finally:
         for target in targets:
@@ -326,13 +371,20 @@ def ratios(measured: dict[tuple, list[Round]]) -> list[dict]:
         floor_rounds = measured.get((mode, level, "floor"))
         if target != "server" or not floor_rounds:
             continue
-        out.append({"mode": mode, "concurrency": level,
-                    **{name: paired_ratio(server_rounds, floor_rounds, name) for name in figures}})
+        out.append(
+            {
+                "mode": mode,
+                "concurrency": level,
+                **{name: paired_ratio(server_rounds, floor_rounds, name) for name in figures},
+            }
+        )
     return out
 
 
 def paired_ratio(server_rounds: list[Round], floor_rounds: list[Round], name: str) -> float | None:
-    pairs = [(getattr(server, name), getattr(floor, name)) for server, floor in zip(server_rounds, floor_rounds)]
+    pairs = [
+        (getattr(server, name), getattr(floor, name)) for server, floor in zip(server_rounds, floor_rounds, strict=True)
+    ]
     quotients = [server / floor for server, floor in pairs if server and floor]
     return round(statistics.median(quotients), 3) if quotients else None
 
@@ -340,28 +392,50 @@ def paired_ratio(server_rounds: list[Round], floor_rounds: list[Round], name: st
 def machine() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "grpcio": grpc.__version__, "torch": torch.__version__}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "torch": torch.__version__,
+    }
 
 
 def print_tables(report: dict) -> None:
     print(f"machine: {report['machine']}")
-    print(f"{'mode':<5} {'target':<6} {'clients':>7} {'rps':>8} {'p50 µs':>8} {'p90 µs':>8} {'p99 µs':>8} {'hit':>5} {'cpu µs/req':>10}")
+    print(
+        f"{'mode':<5} {'target':<6} {'clients':>7} {'rps':>8} {'p50 µs':>8} {'p90 µs':>8} {'p99 µs':>8} "
+        f"{'hit':>5} {'cpu µs/req':>10}"
+    )
     for r in report["results"]:
         cpu = f"{r['cpu_us_per_request']:.0f}" if r["cpu_us_per_request"] is not None else "-"
-        print(f"{r['mode']:<5} {r['target']:<6} {r['concurrency']:>7} {r['rps']:>8.0f} {r['p50_us']:>8.0f} "
-              f"{r['p90_us']:>8.0f} {r['p99_us']:>8.0f} {r['hit_rate']:>5.2f} {cpu:>10}")
+        print(
+            f"{r['mode']:<5} {r['target']:<6} {r['concurrency']:>7} {r['rps']:>8.0f} {r['p50_us']:>8.0f} "
+            f"{r['p90_us']:>8.0f} {r['p99_us']:>8.0f} {r['hit_rate']:>5.2f} {cpu:>10}"
+        )
     if "ratios" in report:
         print("\nserver / floor")
         print(f"{'mode':<5} {'clients':>7} {'rps':>6} {'p50':>6} {'p99':>6} {'cpu/req':>8}")
         for r in report["ratios"]:
-            cells = [f"{r[name]:.2f}" if r[name] is not None else "-" for name in ("rps", "p50_us", "p99_us", "cpu_us_per_request")]
+            cells = [
+                f"{r[name]:.2f}" if r[name] is not None else "-"
+                for name in ("rps", "p50_us", "p99_us", "cpu_us_per_request")
+            ]
             print(f"{r['mode']:<5} {r['concurrency']:>7} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>8}")
     if "micro" in report:
-        print("\nin process (µs per call; *_vs_straightforward are ratios): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in report["micro"].items()))
+        print(
+            "\nin process (µs per call; *_vs_straightforward are ratios): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in report["micro"].items())
+        )
         print(f"start to SERVING: {report['start_to_serving_s']:.2f} s")
     if "instructions" in report:
         print("\ninstructions per request under callgrind (16 callers)")
@@ -384,15 +458,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1", help="host of --port's server (default %(default)s)")
     parser.add_argument("--port", type=int, help="benchmark a running server instead of starting server.py")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 4, 16], help="callers per level (default 1,4,16)")
+    parser.add_argument(
+        "--concurrency", type=concurrency_list, default=[1, 4, 16], help="callers per level (default 1,4,16)"
+    )
     parser.add_argument("--duration", type=float, default=3.0, help="seconds per round (default %(default)s)")
-    parser.add_argument("--rounds", type=int, default=6,
-                        help="rounds per target and level; many short ones follow the machine's drift (default %(default)s)")
-    parser.add_argument("--mode", dest="modes", action="append", choices=MODES, help="hit, miss or mix; repeatable (default all)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="rounds per target and level; many short ones follow the machine's drift (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mode", dest="modes", action="append", choices=MODES, help="hit, miss or mix; repeatable (default all)"
+    )
     parser.add_argument("--floor", action="store_true", help="also drive a constant-answer server, alternately")
     parser.add_argument("--micro", action="store_true", help="add in-process microbenchmarks and start-to-SERVING time")
-    parser.add_argument("--instructions", action="store_true",
-                        help="add instructions per request, server vs floor, counted under valgrind (slow: minutes)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="add instructions per request, server vs floor, counted under valgrind (slow: minutes)",
+    )
     parser.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server given by --port")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)

@@ -5,6 +5,7 @@
 SetCoefs first, then one thread per CSV calls Predict for each of its rows over one shared channel.
 Exit codes: 0 every row predicted, 1 some rows failed or the server could not be reached, 2 bad usage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,9 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from tqdm import tqdm
@@ -50,7 +51,7 @@ class Workload:
 
 def read_csv_text(path: str) -> str:
     try:
-        with open(path, newline="") as file:
+        with Path(path).open(newline="") as file:
             return file.read()
     except OSError as error:
         raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
@@ -189,8 +190,9 @@ def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse
     """SetCoefs; returns "" or the one line that ends the run."""
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
     try:
-        reply = stub.SetCoefs(pb2.SetCoefsRequest(coefs=coefs), timeout=args.timeout, wait_for_ready=True,
-                              metadata=metadata)
+        reply = stub.SetCoefs(
+            pb2.SetCoefsRequest(coefs=coefs), timeout=args.timeout, wait_for_ready=True, metadata=metadata
+        )
     except grpc.RpcError as error:
         if error.code() in SERVER_GONE:
             return f"could not reach the server at {join_address(args.host, args.port)} within {args.timeout:g} s"
@@ -200,15 +202,18 @@ def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse
     return f"SetCoefs: {reply.error}" if reply.error else ""
 
 
-def run_workloads(stub: pb2_grpc.ModelServerStub, coefs: list[float] | None, workloads: list[Workload],
-                  args: argparse.Namespace) -> tuple[list[Tally], str]:
+def run_workloads(
+    stub: pb2_grpc.ModelServerStub, coefs: list[float] | None, workloads: list[Workload], args: argparse.Namespace
+) -> tuple[list[Tally], str]:
     """One thread per workload; returns each one's tally and why the server was lost, if it was."""
     total_rows = sum(len(workload.rows) for workload in workloads)
     with tqdm(total=total_rows, unit="row", file=sys.stderr, disable=not sys.stderr.isatty()) as progress:
         run = Run(stub, coefs, args, progress)
         tallies = [Tally() for _ in workloads]
-        threads = [threading.Thread(target=predict_file, args=(run, workload, tally), daemon=True)
-                   for workload, tally in zip(workloads, tallies)]
+        threads = [
+            threading.Thread(target=predict_file, args=(run, workload, tally), daemon=True)
+            for workload, tally in zip(workloads, tallies, strict=True)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -217,17 +222,36 @@ def run_workloads(stub: pb2_grpc.ModelServerStub, coefs: list[float] | None, wor
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], usage="%(prog)s [options] PORT COEFS CSV [CSV ...]")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], usage="%(prog)s [options] PORT COEFS CSV [CSV ...]"
+    )
     parser.add_argument("port", type=int, help="the server's port")
     parser.add_argument("coefs", help="comma-separated coefficients, e.g. 1.0,2.0,3.0; '-' keeps the served model")
     parser.add_argument("csv_files", nargs="+", metavar="CSV", help="one thread per file, one Predict per row")
     parser.add_argument("--host", default="localhost", help="server host (default %(default)s)")
-    parser.add_argument("--timeout", type=float, default=20.0, help="deadline of each call in seconds, retries included (default %(default)s)")
-    parser.add_argument("--attempts", type=int, default=5, help="attempts per call on UNAVAILABLE, at most 5 (default %(default)s)")
-    parser.add_argument("--backoff", type=float, default=1.0, help="first retry backoff in seconds (default %(default)s)")
-    parser.add_argument("--backoff-multiplier", type=float, default=2.0, help="backoff growth per retry (default %(default)s)")
-    parser.add_argument("--max-backoff", type=float, default=30.0, help="largest backoff in seconds (default %(default)s)")
-    parser.add_argument("--token", default=os.environ.get(ADMIN_TOKEN_ENV) or None, help=f"admin token for SetCoefs (default ${ADMIN_TOKEN_ENV})")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=20.0,
+        help="deadline of each call in seconds, retries included (default %(default)s)",
+    )
+    parser.add_argument(
+        "--attempts", type=int, default=5, help="attempts per call on UNAVAILABLE, at most 5 (default %(default)s)"
+    )
+    parser.add_argument(
+        "--backoff", type=float, default=1.0, help="first retry backoff in seconds (default %(default)s)"
+    )
+    parser.add_argument(
+        "--backoff-multiplier", type=float, default=2.0, help="backoff growth per retry (default %(default)s)"
+    )
+    parser.add_argument(
+        "--max-backoff", type=float, default=30.0, help="largest backoff in seconds (default %(default)s)"
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        help=f"admin token for SetCoefs (default ${ADMIN_TOKEN_ENV})",
+    )
     parser.add_argument("--tls-ca", type=Path, help="PEM certificate of the CA that signed the server's certificate")
     args = parser.parse_args(argv)
     if not 2 <= args.attempts <= 5:
@@ -247,21 +271,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    workloads = [parse_workload(path, text) for path, text in zip(args.csv_files, texts)]
+    workloads = [parse_workload(path, text) for path, text in zip(args.csv_files, texts, strict=True)]
     with open_channel(args) as channel:
         stub = pb2_grpc.ModelServerStub(channel)
         if coefs is not None and (problem := set_coefs(stub, coefs, args)):
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_FAILED
         tallies, lost_because = run_workloads(stub, coefs, workloads, args)
-    for workload, tally in zip(workloads, tallies):
-        say(f"{workload.path}: {len(workload.rows)} rows, {tally.hits} hits, {tally.misses} misses, "
-            f"{tally.failed + workload.malformed} failed")
+    for workload, tally in zip(workloads, tallies, strict=True):
+        say(
+            f"{workload.path}: {len(workload.rows)} rows, {tally.hits} hits, {tally.misses} misses, "
+            f"{tally.failed + workload.malformed} failed"
+        )
     hits, misses = sum(t.hits for t in tallies), sum(t.misses for t in tallies)
     failed = sum(t.failed for t in tallies) + sum(w.malformed for w in workloads)
     if lost_because:
-        say(f"error: lost the server at {join_address(args.host, args.port)} ({lost_because}); "
-            f"counted {hits + misses} of {sum(len(w.rows) for w in workloads)} rows")
+        say(
+            f"error: lost the server at {join_address(args.host, args.port)} ({lost_because}); "
+            f"counted {hits + misses} of {sum(len(w.rows) for w in workloads)} rows"
+        )
     if hits + misses:
         print(hits / (hits + misses), flush=True)
     else:

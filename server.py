@@ -2,6 +2,7 @@
 
 Run `python3 server.py --help` for the flags; README.md explains the cache and its guarantees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,24 +11,27 @@ import hmac
 import itertools
 import logging
 import math
-import operator
 import os
 import signal
 import sys
 import threading
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from models import LinearModel, ModelError, ModelFile, ModelHandler
 from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("modelserver")
 
@@ -35,17 +39,16 @@ DECIMALS = 4
 SCALE = 10.0**DECIMALS
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
 ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
+# The memo of roundings holds at most this many rows and this many values in all (about 64 B a value
+# for the row and its key): 64 MiB at worst, whatever the model's width.
+MEMO_ROWS = 4096
+MEMO_VALUES = 1 << 20
 
 
-class ModelError(ValueError):
-    """A request or a model the server cannot use; the message names the problem and the numbers."""
-
-
-# --- float32 arithmetic in plain Python --------------------------------------------------------
+# --- the cache key: rounding in plain Python ------------------------------------------------------
 # The server's hot path avoids torch: every small torch op releases and re-takes the GIL, which
-# costs a context switch per op inside a threaded server. These functions reproduce torch's
-# float32 results bit for bit (test_prediction_cache.py proves it against torch itself): a double
-# holds each intermediate exactly enough that rounding once to float32 gives float32's answer.
+# costs a context switch per op inside a threaded server. round_row reproduces torch's float32
+# rounding bit for bit (test_prediction_cache.py proves it against torch itself).
 
 
 def _round_half_even(value: float) -> float:
@@ -65,165 +68,6 @@ def round_row(row: Sequence[float]) -> list[float]:
     return array("f", rounded).tolist()
 
 
-_ROUNDED_KEYS: dict[tuple[float, ...], tuple[float, ...]] = {}  # raw row -> rounded key, a pure function
-_ROUNDED_KEYS_LIMIT = 4096
-
-
-def rounded_key(row: Sequence[float]) -> tuple[float, ...]:
-    """round_row as a cache key, remembered for recent rows: repeated inputs are what a cache serves."""
-    values = tuple(row)
-    key = _ROUNDED_KEYS.get(values)
-    if key is None:
-        key = tuple(round_row(values))
-        _remember_key(values, key)
-    return key
-
-
-def _remember_key(values: tuple[float, ...], key: tuple[float, ...]) -> None:
-    if 0.0 in values:
-        return  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
-    if len(_ROUNDED_KEYS) >= _ROUNDED_KEYS_LIMIT:
-        _ROUNDED_KEYS.clear()  # dict operations are atomic: other threads just miss
-    _ROUNDED_KEYS[values] = key
-
-
-def dot_float32(row: Sequence[float], coefs: Sequence[float]) -> float:
-    """X @ coefs for one float32 row, summed left to right in float32 as torch does."""
-    total = array("f", [0.0])
-    for product in array("f", map(operator.mul, row, coefs)):
-        total[0] += product
-    return total[0]
-
-
-# --- models -------------------------------------------------------------------------------------
-
-
-class ModelHandler:
-    """What a served model implements; the cache does the rest.
-
-    initialize() loads it, run() maps a (rows, width) float32 tensor to a (rows, 1) float32 column,
-    cleanup() releases it. `width` is the number of inputs per row, known once initialized.
-    """
-
-    width: int
-
-    def initialize(self) -> None:
-        pass
-
-    def run(self, X: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def run_row(self, row: Sequence[float]) -> float:
-        """One already-rounded row; a handler with an exact faster path overrides this."""
-        return self.run(torch.tensor([list(row)], dtype=torch.float32)).item()
-
-    def cleanup(self) -> None:
-        pass
-
-
-class LinearModel(ModelHandler):
-    """y = X @ coefs, the model SetCoefs sets."""
-
-    def __init__(self, coefs: torch.Tensor):
-        if not isinstance(coefs, torch.Tensor):
-            raise ModelError(f"coefs must be a torch.Tensor, not {type(coefs).__name__}")
-        if coefs.dim() > 2 or (coefs.dim() == 2 and coefs.shape[1] != 1):
-            raise ModelError(f"coefs must be a column vector of shape (n, 1), got shape {tuple(coefs.shape)}")
-        if coefs.numel() == 0:
-            raise ModelError("coefs is empty: the model needs at least one coefficient")
-        column = coefs.detach().to(torch.float32).reshape(-1, 1).clone()
-        finite = torch.isfinite(column).flatten()
-        if not bool(finite.all()):
-            first_bad = int((~finite).nonzero()[0])
-            raise ModelError(
-                f"coefs must be finite: {int((~finite).sum())} of {column.shape[0]} are not "
-                f"(coefs[{first_bad}] = {column[first_bad, 0].item()})"
-            )
-        self._coefs = column
-        self._coef_values = column.flatten().tolist()
-        self.width = column.shape[0]
-
-    def run(self, X: torch.Tensor) -> torch.Tensor:
-        return torch.mm(X, self._coefs)
-
-    def run_row(self, row: Sequence[float]) -> float:
-        return dot_float32(row, self._coef_values)
-
-
-class ModelFile(ModelHandler):
-    """A model file run on the CPU: a torch.export program (`.pt2`) or TorchScript (anything else)."""
-
-    def __init__(self, path: Path, width: int | None = None):
-        self.path = Path(path)
-        self.requested_width = width
-        self._module: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    def initialize(self) -> None:
-        load = _load_exported_program if self.path.suffix == ".pt2" else _load_torchscript
-        try:
-            module, own_width = load(self.path)
-        except Exception as error:  # any failure to load a user's file is reported, never raised
-            raise ModelError(f"cannot load {self.path}: {_first_line(error)}") from None
-        width = self.requested_width or own_width
-        if width is None:
-            raise ModelError(f"cannot tell the input width of {self.path}; pass --input-width")
-        self._check_output_shape(module, width)
-        self._module, self.width = module, width
-
-    def _check_output_shape(self, module: Callable[[torch.Tensor], torch.Tensor], width: int) -> None:
-        probe = torch.zeros(2, width)
-        try:
-            with torch.inference_mode():
-                output = module(probe)
-        except Exception as error:  # the model's own code failed on a well-formed input
-            raise ModelError(f"{self.path} fails on a (2, {width}) input: {_first_line(error)}") from None
-        if not isinstance(output, torch.Tensor) or output.numel() != 2:
-            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-            raise ModelError(f"{self.path} returns {shape} for 2 rows; a served model must return one value per row")
-
-    def run(self, X: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            y = self._module(X)
-        return one_value_per_row(y, rows=X.shape[0])
-
-    def cleanup(self) -> None:
-        self._module = None
-
-
-def _load_torchscript(path: Path) -> tuple[torch.jit.ScriptModule, int | None]:
-    """The module, and its width: its own `input_width` attribute, else its first linear layer's in_features."""
-    module = torch.jit.load(str(path), map_location="cpu").eval()
-    for candidate in (module, *module.modules()):
-        for attribute in ("input_width", "in_features"):
-            width = getattr(candidate, attribute, None)
-            if isinstance(width, int) and width > 0:
-                return module, width
-    return module, None
-
-
-def _load_exported_program(path: Path) -> tuple[Callable[[torch.Tensor], torch.Tensor], int | None]:
-    """The program's module, and its width: the static second dimension of its input."""
-    program = torch.export.load(str(path))
-    user_inputs = set(program.graph_signature.user_inputs)
-    first_input = next(node for node in program.graph.nodes if node.op == "placeholder" and node.name in user_inputs)
-    shape = getattr(first_input.meta.get("val"), "shape", ())
-    width = shape[1] if len(shape) == 2 and isinstance(shape[1], int) else None
-    return program.module(), width
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0]
-
-
-def one_value_per_row(y: torch.Tensor, rows: int) -> torch.Tensor:
-    """The model's output as a (rows, 1) float32 column, or a clear error."""
-    if not isinstance(y, torch.Tensor) or y.numel() != rows:
-        shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise ModelError(f"the model returned {shape} for {rows} row(s); it must return one value per row")
-    return y.detach().to(torch.float32).reshape(rows, 1)
-
-
 # --- the cache ----------------------------------------------------------------------------------
 
 
@@ -239,9 +83,11 @@ class CacheStats:
 class PredictionCache:
     """An LRU cache of predictions keyed by the rounded input, emptied whenever the model changes.
 
-    One lock guards the entries, the counters and the model. Predictions are computed outside the
-    lock; the generation number, bumped by every model change, keeps a result computed with an old
-    model out of the cache, so no Predict that starts after SetCoefs returns sees old answers.
+    One lock guards the entries, the counters, the model and the memo of roundings. Predictions are
+    computed outside the lock; the generation number, bumped by every model change, keeps a result
+    computed with an old model out of the cache, so no Predict that starts after SetCoefs returns sees
+    old answers. The memo maps recent raw rows to their keys, so a repeated row skips the rounding;
+    it keeps only rows that were valid for the model served, and is bounded in rows and in values.
     """
 
     def __init__(self, capacity: int = 10, model: ModelHandler | None = None):
@@ -250,6 +96,8 @@ class PredictionCache:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[float, ...], tuple[float, ...]] = OrderedDict()
+        self._memo: dict[tuple[float, ...], tuple[float, ...]] = {}
+        self._memo_values = 0
         self._model: ModelHandler | None = None
         self._generation = 0
         self._hits = self._misses = self._evictions = 0
@@ -258,7 +106,7 @@ class PredictionCache:
 
     def SetCoefs(self, coefs: torch.Tensor) -> None:
         """Serve y = X @ coefs from now on; coefs is an (n, 1) float32 column."""
-        self.set_model(LinearModel(coefs))
+        self.set_model(LinearModel(_column_values(coefs)))
 
     def set_model(self, model: ModelHandler) -> None:
         """Swap in a model atomically; a model that fails to initialize leaves the old one serving."""
@@ -274,36 +122,41 @@ class PredictionCache:
             old_model, self._model = self._model, model
             self._generation += 1
             self._entries.clear()
+            self._forget_rows()
         if old_model is not None:
             old_model.cleanup()
 
     def Predict(self, X: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """y = model(round(X, 4)) as a fresh (rows, 1) tensor, and whether it came from the cache."""
+        import torch
+
         X, rows = _checked_rows(X)
         one_row = tuple(rows[0]) if len(rows) == 1 else None
-        remembered = _ROUNDED_KEYS.get(one_row)  # only single rows are remembered
+        remembered = self._memo.get(one_row) if one_row is not None else None
         if remembered is not None:  # a row seen before: its key without a torch op
             y, hit = self._predict_key(remembered)
             return _column((y,)), hit
         rounded = torch.round(X, decimals=DECIMALS)
         key = _flat_values(rounded)
-        if one_row is not None:
-            _remember_key(one_row, key)
-        model, generation, cached = self._lookup(key, width=len(rows[0]))
+        model, generation, cached = self._lookup(key, width=len(rows[0]), raw_row=one_row)
         if cached is not None:
             return _column(cached), True
-        y = model.run(rounded)
-        self._store(key, generation, _flat_values(y))
-        return y, False
+        column = model.run(rounded)
+        self._store(key, generation, _flat_values(column))
+        return column, False
 
     def predict_row(self, row: Sequence[float]) -> tuple[float, bool]:
         """Predict for one row of floats: the server's hot path, equal bit for bit to Predict."""
-        return self._predict_key(rounded_key(row))
+        values = tuple(row)
+        key = self._memo.get(values)
+        if key is not None:
+            return self._predict_key(key)
+        return self._predict_key(tuple(round_row(values)), raw_row=values)
 
-    def _predict_key(self, key: tuple[float, ...]) -> tuple[float, bool]:
+    def _predict_key(self, key: tuple[float, ...], raw_row: tuple[float, ...] | None = None) -> tuple[float, bool]:
         if not key:
             raise ModelError("X is empty: send one value per coefficient")
-        model, generation, cached = self._lookup(key, width=len(key))
+        model, generation, cached = self._lookup(key, width=len(key), raw_row=raw_row)
         if cached is not None:
             return cached[0], True
         y = model.run_row(key)
@@ -314,13 +167,18 @@ class PredictionCache:
         with self._lock:
             return CacheStats(self._hits, self._misses, self._evictions, len(self._entries), self._capacity)
 
-    def _lookup(self, key: tuple[float, ...], width: int) -> tuple[ModelHandler, int, tuple[float, ...] | None]:
+    def _lookup(
+        self, key: tuple[float, ...], width: int, raw_row: tuple[float, ...] | None
+    ) -> tuple[ModelHandler, int, tuple[float, ...] | None]:
+        """The model, its generation and the cached answer (or None); a valid raw row is remembered."""
         with self._lock:
             model = self._model
             if model is None:
                 raise ModelError(NO_MODEL_ERROR)
             if width != model.width:
                 raise ModelError(f"X has {width} values per row but the model takes {model.width}")
+            if raw_row is not None:
+                self._remember_row(raw_row, key)
             cached = self._entries.get(key)
             if cached is None:
                 self._misses += 1
@@ -328,6 +186,18 @@ class PredictionCache:
                 self._entries.move_to_end(key)
                 self._hits += 1
             return model, self._generation, cached
+
+    def _remember_row(self, raw_row: tuple[float, ...], key: tuple[float, ...]) -> None:
+        if 0.0 in raw_row:
+            return  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
+        if len(self._memo) >= MEMO_ROWS or self._memo_values + len(raw_row) > MEMO_VALUES:
+            self._forget_rows()
+        self._memo[raw_row] = key
+        self._memo_values += len(raw_row)
+
+    def _forget_rows(self) -> None:
+        self._memo = {}  # a new dict: readers outside the lock keep the old one, and just miss
+        self._memo_values = 0
 
     def _store(self, key: tuple[float, ...], generation: int, values: tuple[float, ...]) -> None:
         if any(map(math.isnan, key)):
@@ -342,13 +212,20 @@ class PredictionCache:
                 self._evictions += 1
 
 
-_FLOAT32 = torch.empty(0, dtype=torch.float32)  # new_full takes its dtype, faster than parsing dtype=
+@functools.cache
+def _float32_template() -> torch.Tensor:
+    """An empty float32 tensor: new_full takes its dtype, faster than parsing dtype= on every hit."""
+    import torch
+
+    return torch.empty(0, dtype=torch.float32)
 
 
 def _column(values: tuple[float, ...]) -> torch.Tensor:
     """A new tensor on every call: a caller may change what Predict returns without touching the cache."""
+    import torch
+
     if len(values) == 1:
-        return _FLOAT32.new_full((1, 1), values[0])
+        return _float32_template().new_full((1, 1), values[0])
     return torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
 
 
@@ -357,8 +234,21 @@ def _flat_values(matrix: torch.Tensor) -> tuple[float, ...]:
     return tuple(itertools.chain.from_iterable(matrix.tolist()))
 
 
+def _column_values(coefs: torch.Tensor) -> list[float]:
+    """An (n, 1) or (n,) coefficient tensor's values as float32, or a ModelError that says what is wrong."""
+    import torch
+
+    if not isinstance(coefs, torch.Tensor):
+        raise ModelError(f"coefs must be a torch.Tensor, not {type(coefs).__name__}")
+    if coefs.dim() > 2 or (coefs.dim() == 2 and coefs.shape[1] != 1):
+        raise ModelError(f"coefs must be a column vector of shape (n, 1), got shape {tuple(coefs.shape)}")
+    return coefs.detach().to(torch.float32).flatten().tolist()
+
+
 def _checked_rows(X: torch.Tensor) -> tuple[torch.Tensor, list[list[float]]]:
     """X as float32 and its rows as lists of floats, or a ModelError that says what is wrong with it."""
+    import torch
+
     if not isinstance(X, torch.Tensor):
         raise ModelError(f"X must be a torch.Tensor, not {type(X).__name__}")
     if X.dim() != 2:
@@ -404,8 +294,10 @@ class ModelServer(pb2_grpc.ModelServerServicer):
     @_answers_errors(pb2.SetCoefsResponse)
     def SetCoefs(self, request, context):
         if self._model_file is not None:
-            raise ModelError(f"this server serves the model file {self._model_file.path}; SetCoefs changes nothing here")
-        self._cache.SetCoefs(torch.tensor(list(request.coefs), dtype=torch.float32).reshape(-1, 1))
+            raise ModelError(
+                f"this server serves the model file {self._model_file.path}; SetCoefs changes nothing here"
+            )
+        self._cache.set_model(LinearModel(request.coefs))
         return pb2.SetCoefsResponse()
 
     @_answers_errors(pb2.PredictResponse)
@@ -440,7 +332,7 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, token: str):
         self._expected = f"Bearer {token}".encode()
-        self._refusal = grpc.unary_unary_rpc_method_handler(self._refuse)
+        self._refusal: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(self._refuse)
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method in ADMIN_METHODS and not self._authorized(handler_call_details):
@@ -527,7 +419,7 @@ def start_server(config: ServerConfig) -> RunningServer:
 
 def _bind(server: grpc.Server, config: ServerConfig) -> int:
     try:
-        if config.tls_cert:
+        if config.tls_cert and config.tls_key:
             credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
             port = server.add_secure_port(config.address, credentials)
         else:
@@ -552,7 +444,10 @@ def serve(config: ServerConfig) -> int:
     model = config.model or "linear coefficients (set by SetCoefs)"
     log.info(
         "ready: serving on %s (%d workers, cache size %d, model: %s%s)",
-        join_address(config.host, running.port), config.workers, config.cache_size, model,
+        join_address(config.host, running.port),
+        config.workers,
+        config.cache_size,
+        model,
         ", TLS" if config.tls_cert else "",
     )
     while (received := signal.sigwait(handled)) == signal.SIGHUP:
@@ -584,20 +479,40 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
-    parser.add_argument("--port", type=_port, default=defaults.port, help="port, 0 for any free one (default %(default)s)")
-    parser.add_argument("--workers", type=_positive_int, default=defaults.workers, help="worker threads (default %(default)s)")
-    parser.add_argument("--cache-size", type=_positive_int, default=defaults.cache_size, help="LRU entries (default %(default)s)")
-    parser.add_argument("--model", type=Path,
-                        help="serve this model file (TorchScript, or a torch.export .pt2) instead of SetCoefs' linear model")
+    parser.add_argument(
+        "--port", type=_port, default=defaults.port, help="port, 0 for any free one (default %(default)s)"
+    )
+    parser.add_argument(
+        "--workers", type=_positive_int, default=defaults.workers, help="worker threads (default %(default)s)"
+    )
+    parser.add_argument(
+        "--cache-size", type=_positive_int, default=defaults.cache_size, help="LRU entries (default %(default)s)"
+    )
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="serve this model file (TorchScript, or a torch.export .pt2) instead of SetCoefs' linear model",
+    )
     parser.add_argument("--input-width", type=_positive_int, help="inputs per row, where the model file cannot tell")
-    parser.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV) or None,
-                        help=f"require 'authorization: Bearer TOKEN' for SetCoefs and ReloadModel (or ${ADMIN_TOKEN_ENV})")
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        help=f"require 'authorization: Bearer TOKEN' for SetCoefs and ReloadModel (or ${ADMIN_TOKEN_ENV})",
+    )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serves TLS with --tls-key")
     parser.add_argument("--tls-key", type=Path, help="PEM private key")
-    parser.add_argument("--max-message-mb", type=float, default=defaults.max_message_mb,
-                        help="largest request or response in MiB (default %(default)s)")
-    parser.add_argument("--grace", type=float, default=defaults.grace,
-                        help="seconds in-flight calls get to finish on shutdown (default %(default)s)")
+    parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=defaults.max_message_mb,
+        help="largest request or response in MiB (default %(default)s)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace,
+        help="seconds in-flight calls get to finish on shutdown (default %(default)s)",
+    )
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
@@ -605,7 +520,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s modelserver %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s modelserver %(levelname)s %(message)s"
+    )
     return serve(parse_args(argv))
 
 

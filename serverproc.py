@@ -2,6 +2,7 @@
 
 Used by the tests, `autograde.py --local` and `bench.py`, which all need a real server to talk to.
 """
+
 from __future__ import annotations
 
 import re
@@ -10,8 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,8 +41,16 @@ def wait_until_serving(channel: grpc.Channel, timeout: float, service: str = "")
 class ServerProcess:
     """A server.py child process; its stderr is kept in `log_lines`."""
 
-    def __init__(self, args: Sequence[str] = (), port: int = 0, env: dict | None = None, start_timeout: float = 30,
-                 script: Path = SERVER_PY, wrapper: Sequence[str] = ()):
+    def __init__(
+        self,
+        args: Sequence[str] = (),
+        *,
+        port: int = 0,
+        env: dict | None = None,
+        start_timeout: float = 30,
+        script: Path = SERVER_PY,
+        wrapper: Sequence[str] = (),
+    ):
         command = [*wrapper, sys.executable, "-u", str(script), "--host", "127.0.0.1", "--port", str(port), *args]
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log_lines: list[str] = []
@@ -54,6 +63,7 @@ class ServerProcess:
             raise RuntimeError(f"{script.name} did not start:\n" + self.log)
 
     def _read_log(self) -> None:
+        assert self.process.stderr is not None  # Popen(stderr=PIPE)
         for line in self.process.stderr:
             self.log_lines.append(line)
             if match := READY_LINE.search(line):
@@ -93,8 +103,16 @@ class ServerProcess:
         self.stop()
 
 
-def start_server(args: Sequence[str] = (), port: int = 0, env: dict | None = None, timeout: float = 30,
-                 tls_ca: bytes | None = None, script: Path = SERVER_PY, wrapper: Sequence[str] = ()) -> ServerProcess:
+def start_server(
+    args: Sequence[str] = (),
+    *,
+    port: int = 0,
+    env: dict | None = None,
+    timeout: float = 30,
+    tls_ca: bytes | None = None,
+    script: Path = SERVER_PY,
+    wrapper: Sequence[str] = (),
+) -> ServerProcess:
     """Start server.py (or another script that logs the same ready line), run under `wrapper` if given
     (a profiler's command line), and return once it is SERVING."""
     server = ServerProcess(args, port=port, env=env, start_timeout=timeout, script=script, wrapper=wrapper)

@@ -1,4 +1,5 @@
 """The generated gRPC stubs (or one line saying how to make them), and what server and clients agree on."""
+
 import sys
 
 # The error a server without a model answers; a client that sees it after a restart sets its coefficients again.
@@ -23,4 +24,4 @@ def join_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-__all__ = ["pb2", "pb2_grpc", "ADMIN_TOKEN_ENV", "NO_MODEL_ERROR", "STUBS_COMMAND", "join_address"]
+__all__ = ["ADMIN_TOKEN_ENV", "NO_MODEL_ERROR", "STUBS_COMMAND", "join_address", "pb2", "pb2_grpc"]

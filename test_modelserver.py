@@ -1,4 +1,5 @@
 """The real server.py over real gRPC: every RPC, the cache seen through it, errors, health, shutdown."""
+
 import functools
 import shutil
 import signal
@@ -11,9 +12,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from conftest import ROOT, predict, run_concurrently
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
+from tests.fixtures import ROOT, predict, run_concurrently
 
 
 def stats(stub):
@@ -172,23 +173,33 @@ def test_sigint_also_stops_cleanly():
 def test_a_taken_port_is_one_clear_line_and_exit_1(server):
     result = subprocess.run(
         [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", str(server.port)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_flag_values_are_refused_by_the_parser():
-    result = subprocess.run([sys.executable, str(ROOT / "server.py"), "--workers", "0"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2 and "must be at least 1" in result.stderr
 
 
 @pytest.mark.parametrize("script", ["server.py", "client.py"])
 def test_missing_stubs_are_named_with_the_command_that_makes_them(tmp_path, script):
-    for name in ("server.py", "client.py", "stubs.py"):
+    for name in ("server.py", "models.py", "client.py", "stubs.py"):
         shutil.copy(ROOT / name, tmp_path)
-    result = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: the generated gRPC stubs are missing; run `make stubs` "

@@ -1,4 +1,5 @@
 """PredictionCache in process: values, rounding, LRU order, invalidation, errors, concurrency."""
+
 import math
 import struct
 import threading
@@ -11,8 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_concurrently
-from server import _ROUNDED_KEYS, ModelError, PredictionCache, dot_float32, round_row, rounded_key
+from models import ModelError, dot_float32
+from server import MEMO_VALUES, PredictionCache, round_row
+from tests.fixtures import run_concurrently
 
 COEFS = torch.tensor([[1.0], [2.0], [3.0]])
 
@@ -178,7 +180,12 @@ def test_the_lock_is_released_after_an_exception(cache):
     with pytest.raises(ModelError):
         cache.Predict(row(1, 2))
     answered = threading.Event()
-    threading.Thread(target=lambda: cache.Predict(row(1, 2, 3)) and answered.set(), daemon=True).start()
+
+    def predict_then_signal() -> None:
+        cache.Predict(row(1, 2, 3))
+        answered.set()
+
+    threading.Thread(target=predict_then_signal, daemon=True).start()
     assert answered.wait(timeout=5), "Predict from another thread blocked: the lock was left held"
 
 
@@ -225,10 +232,14 @@ def bits(value: float) -> bytes:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(1, 64).flatmap(lambda n: st.tuples(
-    st.lists(st.one_of(float32s, edge_values), min_size=n, max_size=n),
-    st.lists(st.floats(-100, 100, width=32), min_size=n, max_size=n),
-)))
+@given(
+    st.integers(1, 64).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.one_of(float32s, edge_values), min_size=n, max_size=n),
+            st.lists(st.floats(-100, 100, width=32), min_size=n, max_size=n),
+        )
+    )
+)
 def test_plain_python_rounding_and_dot_equal_torch_bit_for_bit(x_and_coefs):
     x, coefs = x_and_coefs
     X = torch.tensor([x], dtype=torch.float32)
@@ -240,7 +251,6 @@ def test_plain_python_rounding_and_dot_equal_torch_bit_for_bit(x_and_coefs):
     tensor_cache, row_cache = PredictionCache(), PredictionCache()
     tensor_cache.SetCoefs(column)
     row_cache.SetCoefs(column)
-    _ROUNDED_KEYS.clear()  # so that Predict rounds this row with torch, not from a remembered key
     assert bits(tensor_cache.Predict(X)[0].item()) == bits(y)
     for _ in range(2):  # computed in plain Python, then cached
         assert bits(row_cache.predict_row(x)[0]) == bits(y)
@@ -249,10 +259,32 @@ def test_plain_python_rounding_and_dot_equal_torch_bit_for_bit(x_and_coefs):
 def test_remembered_keys_keep_the_sign_of_zero(cache):
     """0.0 == -0.0, so rows holding zeros must not be answered from the remembered roundings."""
     for x in ([0.00001, 0.0], [-0.00001, -0.0], [0.0, 0.0], [-0.0, -0.0]):
-        assert [bits(v) for v in rounded_key(x)] == [bits(v) for v in round_row(x)]
         cache.SetCoefs(torch.ones(2, 1))  # empties the cache: y comes from this row's own rounding
         expected = (torch.round(torch.tensor([x]), decimals=4) @ torch.ones(2, 1)).item()
-        assert bits(cache.predict_row(x)[0]) == bits(expected)
+        for _ in range(2):
+            assert bits(cache.predict_row(x)[0]) == bits(expected)
+        assert not any(0.0 in raw for raw in cache._memo)
+
+
+def test_rows_the_model_refuses_are_not_remembered(cache):
+    """Nothing a request sends is kept unless it is a valid row for the model served."""
+    for width in (1, 2, 4, 1000):
+        for _ in range(3):
+            with pytest.raises(ModelError):
+                cache.predict_row([0.5] * width)
+    assert cache._memo == {}
+    cache.predict_row([0.5, 1.5, 2.5])
+    assert list(cache._memo) == [(0.5, 1.5, 2.5)]
+
+
+def test_the_memo_of_roundings_is_bounded_in_values_whatever_the_width():
+    width = MEMO_VALUES // 4 + 1
+    wide = PredictionCache()
+    wide.SetCoefs(torch.ones(width, 1))
+    for i in range(12):
+        wide.predict_row([i + 0.5] * width)
+        assert wide._memo_values <= MEMO_VALUES
+    assert 0 < len(wide._memo) <= 3
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
@@ -268,7 +300,9 @@ class ReferenceCache:
     """An ordered-dict LRU with exact arithmetic: what PredictionCache must agree with."""
 
     def __init__(self, capacity: int):
-        self.capacity, self.entries, self.evictions, self.coefs = capacity, OrderedDict(), 0, None
+        self.capacity, self.evictions = capacity, 0
+        self.entries: OrderedDict[tuple[float, ...], Fraction] = OrderedDict()
+        self.coefs: list[float] = []
 
     def set_coefs(self, coefs):
         self.coefs, self.entries = coefs, OrderedDict()
@@ -278,7 +312,7 @@ class ReferenceCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return self.entries[key], True
-        y = sum(Fraction(v) * Fraction(c) for v, c in zip(key, self.coefs))
+        y = sum((Fraction(v) * Fraction(c) for v, c in zip(key, self.coefs, strict=True)), Fraction(0))
         self.entries[key] = y
         if len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
@@ -312,7 +346,7 @@ def test_random_sequences_agree_with_the_reference_lru(capacity, ops):
         y, hit = cache.Predict(torch.tensor([values]))
         expected_y, expected_hit = reference.predict(values)
         assert hit == expected_hit
-        magnitude = sum(abs(Fraction(v) * Fraction(c)) for v, c in zip(values, reference.coefs)) + 1
+        magnitude = sum(abs(Fraction(v) * Fraction(c)) for v, c in zip(values, reference.coefs, strict=True)) + 1
         assert abs(Fraction(y.item()) - expected_y) <= magnitude * Fraction(1, 2**21)
     stats = cache.stats()
     assert (stats.size, stats.evictions) == (len(reference.entries), reference.evictions)

@@ -6,6 +6,7 @@
 
 Nothing is downloaded: the data are y = X @ [2, -1, 0.5] + 3 plus a little noise.
 """
+
 import argparse
 from pathlib import Path
 

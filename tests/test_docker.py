@@ -3,6 +3,7 @@
 On this machine the engine comes from ../shared/tools/docker-sandbox; where no engine can be had the
 module skips with the reason (under CI=true it fails instead).
 """
+
 import os
 import re
 import shutil
@@ -13,7 +14,7 @@ import time
 import pytest
 
 import autograde
-from conftest import ROOT, SHARED, free_port
+from tests.fixtures import ROOT, SHARED, free_port
 
 IMAGE = "p3"
 SANDBOX = SHARED / "tools" / "docker-sandbox"
@@ -27,14 +28,17 @@ def no_engine(reason: str):
 
 
 def engine_ready() -> bool:
-    return shutil.which("docker") is not None and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+    return (
+        shutil.which("docker") is not None
+        and subprocess.run(["docker", "info"], capture_output=True, check=False).returncode == 0
+    )
 
 
 @pytest.fixture(scope="session")
 def docker_env():
     """Make an engine answer, and set the build variables the sandbox asks for."""
     if SANDBOX.exists():
-        result = subprocess.run([str(SANDBOX), "up"], capture_output=True, text=True, timeout=1800)
+        result = subprocess.run([str(SANDBOX), "up"], capture_output=True, text=True, timeout=1800, check=False)
         if result.returncode != 0:
             no_engine(f"docker-sandbox up failed: {result.stderr.strip()[-300:]}")
         settings = dict(re.findall(r"^export (\w+)=(\S+)$", result.stdout, re.MULTILINE))
@@ -64,10 +68,10 @@ def start_container(image, *run_args, command=()):
     autograde.docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5440", *run_args, image, *command)
     try:
         autograde.wait_healthy(name, timeout=120)
-    except BaseException:
+    except BaseException as error:
         logs = autograde.docker("logs", name, check=False)
         autograde.docker("rm", "-f", name, check=False)
-        raise AssertionError(f"container never healthy: {logs.stderr[-500:]}")
+        raise AssertionError(f"container never healthy: {logs.stderr[-500:]}") from error
     return name, port
 
 
@@ -90,8 +94,14 @@ def test_healthcheck_reports_healthy(container):
 
 def test_client_from_the_host_through_the_mapped_loopback_port(container):
     _, port = container
-    result = subprocess.run([sys.executable, str(ROOT / "client.py"), str(port), "1,2,3", "workloads/lru_order.csv"],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "client.py"), str(port), "1,2,3", "workloads/lru_order.csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == LRU_RATE
 
@@ -147,12 +157,20 @@ def test_serves_with_the_project_folder_bind_mounted_as_working_directory(image,
 def test_editing_server_py_does_not_reinstall_torch(image, tmp_path):
     context = tmp_path / "context"
     shutil.copytree(ROOT, context, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", ".hypothesis"))
-    with open(context / "server.py", "a") as server_py:
-        server_py.write("\n# an edit\n")
+    server_py = context / "server.py"
+    server_py.write_text(server_py.read_text() + "\n# an edit\n")
     extra = ["--network", "host"] if os.environ.get("DOCKER_BUILD_NETWORK") else []
     torch_index = os.environ.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu")
-    result = autograde.docker("build", *extra, "--build-arg", f"TORCH_INDEX_URL={torch_index}",
-                              "-t", f"{IMAGE}-edited", str(context), timeout=900)
+    result = autograde.docker(
+        "build",
+        *extra,
+        "--build-arg",
+        f"TORCH_INDEX_URL={torch_index}",
+        "-t",
+        f"{IMAGE}-edited",
+        str(context),
+        timeout=900,
+    )
     autograde.docker("rmi", f"{IMAGE}-edited", check=False)
     output = result.stdout + result.stderr
     legacy_steps = re.split(r"\nStep \d+/\d+ : ", output)
@@ -162,8 +180,14 @@ def test_editing_server_py_does_not_reinstall_torch(image, tmp_path):
 
 def test_autograde_in_docker_mode_scores_100(image, tmp_path):
     results = tmp_path / "results.json"
-    result = subprocess.run([sys.executable, str(ROOT / "autograde.py"), "--json", str(results)],
-                            capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "autograde.py"), "--json", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=ROOT,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Score: 100/100" in result.stdout
     assert '"score": 100' in results.read_text()
@@ -174,12 +198,18 @@ def test_autograde_in_docker_mode_scores_100(image, tmp_path):
 def test_serves_a_model_file_mounted_into_the_container(image, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    trained = subprocess.run([sys.executable, str(ROOT / "examples" / "train_linear.py"), str(models / "linear.pt")],
-                             capture_output=True, text=True, timeout=300)
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(models / "linear.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert trained.returncode == 0, trained.stderr
     models.chmod(0o755)  # the container's user is not the owner
-    name, _ = start_container(image, "-v", f"{models}:/models:ro",
-                              command=("python3", "/app/server.py", "--model", "/models/linear.pt"))
+    name, _ = start_container(
+        image, "-v", f"{models}:/models:ro", command=("python3", "/app/server.py", "--model", "/models/linear.pt")
+    )
     try:
         result = exec_client(name, "workloads/lru_order.csv", coefs="-")
         logs = autograde.docker("logs", name).stderr

@@ -1,7 +1,8 @@
 """Docker HEALTHCHECK probe: exit 0 when the local server's grpc.health.v1 service answers SERVING.
 
-    python3 healthcheck.py [PORT]        (default 5440; cheap: no torch import)
+python3 healthcheck.py [PORT]        (default 5440; cheap: no torch import)
 """
+
 import sys
 
 import grpc

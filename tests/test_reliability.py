@@ -1,5 +1,7 @@
 """Trust under pressure: concurrency, bad input, faults, the admin token and TLS, against real server.py."""
+
 import functools
+import math
 import os
 import random
 import signal
@@ -14,9 +16,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch import nn
 
-from conftest import CALL_DEADLINE, ROOT, predict, run_concurrently
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
+from tests.fixtures import CALL_DEADLINE, ROOT, predict, run_concurrently
 
 TOKEN = "tok-9f2c4e"
 
@@ -82,7 +84,7 @@ INF = float("inf")
 @pytest.mark.parametrize(
     "x, check",
     [
-        ((float("nan"), 0, 0), lambda y: y != y),
+        ((float("nan"), 0, 0), math.isnan),
         ((INF, 0, 0), lambda y: y == INF),
         ((-INF, 0, 0), lambda y: y == -INF),
         ((1e39, 0, 0), lambda y: y == INF),  # beyond float32: the wire carries inf
@@ -206,10 +208,26 @@ def test_set_coefs_without_the_token_is_permission_denied_and_changes_nothing(gu
 def test_client_sends_the_token_from_the_environment_or_the_flag(guarded):
     workload = str(ROOT / "workloads" / "lru_order.csv")
     command = [sys.executable, str(ROOT / "client.py"), "--host", "127.0.0.1", str(guarded.port), "1,2,3", workload]
-    without = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "MODELSERVER_ADMIN_TOKEN": ""})
-    from_env = subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, "MODELSERVER_ADMIN_TOKEN": TOKEN})
-    from_flag = subprocess.run([*command, "--token", TOKEN], capture_output=True, text=True, timeout=60)
-    assert without.returncode == 1 and "SetCoefs refused" in without.stderr and "MODELSERVER_ADMIN_TOKEN" in without.stderr
+    without = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MODELSERVER_ADMIN_TOKEN": ""},
+        check=False,
+    )
+    from_env = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MODELSERVER_ADMIN_TOKEN": TOKEN},
+        check=False,
+    )
+    from_flag = subprocess.run([*command, "--token", TOKEN], capture_output=True, text=True, timeout=60, check=False)
+    assert (
+        without.returncode == 1 and "SetCoefs refused" in without.stderr and "MODELSERVER_ADMIN_TOKEN" in without.stderr
+    )
     assert from_env.stdout.split()[-1] == from_flag.stdout.split()[-1] == "0.3333333333333333"
 
 
@@ -225,9 +243,27 @@ def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
     )
     return cert, key
 
@@ -236,13 +272,24 @@ def test_tls_serves_clients_that_trust_the_certificate_and_only_them(certificate
     cert, key = certificate
     with start_server(["--tls-cert", str(cert), "--tls-key", str(key)], tls_ca=cert.read_bytes()) as server:
         result = subprocess.run(
-            [sys.executable, str(ROOT / "client.py"), "--host", "localhost", "--tls-ca", str(cert),
-             str(server.port), "1,2,3", str(ROOT / "workloads" / "lru_order.csv")],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                str(ROOT / "client.py"),
+                "--host",
+                "localhost",
+                "--tls-ca",
+                str(cert),
+                str(server.port),
+                "1,2,3",
+                str(ROOT / "workloads" / "lru_order.csv"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
-        with server.channel() as plaintext:
-            with pytest.raises(grpc.RpcError) as refused:
-                predict(pb2_grpc.ModelServerStub(plaintext), 1, 2, 3, timeout=3)
+        with server.channel() as plaintext, pytest.raises(grpc.RpcError) as refused:
+            predict(pb2_grpc.ModelServerStub(plaintext), 1, 2, 3, timeout=3)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-1] == "0.3333333333333333"
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -251,6 +298,11 @@ def test_tls_serves_clients_that_trust_the_certificate_and_only_them(certificate
 
 def test_tls_needs_both_certificate_and_key(certificate):
     cert, _ = certificate
-    result = subprocess.run([sys.executable, str(ROOT / "server.py"), "--tls-cert", str(cert)],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--tls-cert", str(cert)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2 and "TLS needs both --tls-cert and --tls-key" in result.stderr

@@ -1,4 +1,5 @@
 """client.py as a user runs it, against a real server.py process."""
+
 import signal
 import subprocess
 import sys
@@ -8,9 +9,9 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from conftest import ROOT, free_port
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
+from tests.fixtures import ROOT, free_port
 
 WORKLOADS = ROOT / "workloads"
 CLIENT = [sys.executable, str(ROOT / "client.py")]
@@ -21,8 +22,14 @@ def client_command(port, coefs, *csvs, options=()):
 
 
 def run_client(port, coefs, *csvs, options=(), timeout=60):
-    return subprocess.run(client_command(port, coefs, *csvs, options=options), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        client_command(port, coefs, *csvs, options=options),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
 
 
 def last_line(text: str) -> str:
@@ -42,7 +49,8 @@ def csv_rows(path):
 
 def reference_hit_rate(rows, capacity=10, lru=True):
     """An independent cache: keys rounded by torch itself, LRU (or FIFO) of `capacity`."""
-    entries, hits = OrderedDict(), 0
+    entries: OrderedDict[tuple[float, ...], bool] = OrderedDict()
+    hits = 0
     for row in rows:
         key = tuple(torch.round(torch.tensor(row, dtype=torch.float32), decimals=4).tolist())
         if key in entries:
@@ -126,8 +134,13 @@ def test_malformed_rows_are_reported_skipped_and_make_exit_1(server, tmp_path):
 
 def test_a_server_started_after_the_client_is_waited_for(tmp_path):
     port = free_port()
-    client = subprocess.Popen(client_command(port, "1,2,3", WORKLOADS / "lru_order.csv"), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        client_command(port, "1,2,3", WORKLOADS / "lru_order.csv"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with start_server(port=port):
         stdout, stderr = client.communicate(timeout=60)
     assert client.returncode == 0, stderr
@@ -162,8 +175,13 @@ def wait_for_progress(server, calls, timeout=30):
 def test_a_server_killed_mid_run_ends_the_client_with_what_it_counted(tmp_path):
     workload = long_workload(tmp_path)
     server = start_server()
-    client = subprocess.Popen(client_command(server.port, "1,2,3", workload, options=("--timeout", "3")), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        client_command(server.port, "1,2,3", workload, options=("--timeout", "3")),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_progress(server, 200)
     server.stop(signal.SIGKILL)
     stdout, stderr = client.communicate(timeout=30)
@@ -177,8 +195,13 @@ def test_a_restarted_server_is_reconnected_to_and_given_the_coefficients_again(t
     workload = long_workload(tmp_path, rows=6000)
     server = start_server()
     port = server.port
-    client = subprocess.Popen(client_command(port, "1,2,3", workload, options=("--timeout", "20")), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        client_command(port, "1,2,3", workload, options=("--timeout", "20")),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_progress(server, 200)
         server.stop(signal.SIGKILL)

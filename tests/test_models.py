@@ -1,4 +1,5 @@
 """Model files served through the same cache: the example model, reloads, and models the server refuses."""
+
 import signal
 import subprocess
 import sys
@@ -9,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, predict
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
+from tests.fixtures import ROOT, predict
 
 
 class Scaled(nn.Module):
@@ -52,8 +53,13 @@ def save(module: nn.Module, path):
 @pytest.fixture(scope="module")
 def example_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "linear.pt"
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     return path
 
@@ -154,8 +160,13 @@ def test_the_width_flag_serves_a_model_that_cannot_tell_its_width(tmp_path):
 
 
 def start_refused(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
@@ -163,7 +174,11 @@ def start_refused(*args) -> subprocess.CompletedProcess:
     [
         (lambda d: d / "missing.pt", (), "cannot load {path}:"),
         (lambda d: (d / "corrupt.pt").write_bytes(b"\x00garbage") and d / "corrupt.pt", (), "cannot load {path}:"),
-        (lambda d: save(TwoOutputs(), d / "two.pt"), (), "{path} returns (2, 2) for 2 rows; a served model must return one value per row"),
+        (
+            lambda d: save(TwoOutputs(), d / "two.pt"),
+            (),
+            "{path} returns (2, 2) for 2 rows; a served model must return one value per row",
+        ),
         (lambda d: save(SumOnly(), d / "sum.pt"), (), "cannot tell the input width of {path}; pass --input-width"),
     ],
     ids=["missing", "corrupt", "two-outputs-per-row", "unknown-width"],
@@ -179,9 +194,19 @@ def test_unusable_model_files_are_refused_at_start_with_one_line(tmp_path, make_
 def test_client_queries_a_served_model_file_without_setting_coefficients(example_model):
     with serve(example_model) as server:
         result = subprocess.run(
-            [sys.executable, str(ROOT / "client.py"), "--host", "127.0.0.1", str(server.port), "-",
-             str(ROOT / "workloads" / "lru_order.csv")],
-            capture_output=True, text=True, timeout=60,
+            [
+                sys.executable,
+                str(ROOT / "client.py"),
+                "--host",
+                "127.0.0.1",
+                str(server.port),
+                "-",
+                str(ROOT / "workloads" / "lru_order.csv"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "0.3333333333333333"
@@ -189,8 +214,13 @@ def test_client_queries_a_served_model_file_without_setting_coefficients(example
 
 def test_serves_and_reloads_a_torch_export_program(tmp_path):
     path = tmp_path / "linear.pt2"
-    trained = subprocess.run([sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
-                             capture_output=True, text=True, timeout=300)
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert trained.returncode == 0, trained.stderr
     expected = torch.export.load(str(path)).module()(torch.tensor([[1.0, 2.0, 3.0]])).item()
     with serve(path) as server, server.channel() as channel:

@@ -1,5 +1,6 @@
 """bench.py as a user runs it: short, real runs against real servers. Only the report's shape and its
 counts are asserted; timings belong in BENCHMARKS.md, not in tests."""
+
 import json
 import os
 import subprocess
@@ -7,18 +8,32 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from tests.fixtures import ROOT
 
 BENCH = [sys.executable, str(ROOT / "bench.py")]
 
 
 def run_bench(*options, timeout=120, env=None):
-    return subprocess.run([*BENCH, *options], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [*BENCH, *options], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env, check=False
+    )
 
 
 def test_floor_run_reports_both_targets_and_paired_ratios():
-    result = run_bench("--floor", "--mode", "hit", "--mode", "miss", "--concurrency", "2",
-                       "--rounds", "2", "--duration", "0.3", "--json")
+    result = run_bench(
+        "--floor",
+        "--mode",
+        "hit",
+        "--mode",
+        "miss",
+        "--concurrency",
+        "2",
+        "--rounds",
+        "2",
+        "--duration",
+        "0.3",
+        "--json",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     rows = {(row["mode"], row["target"]): row for row in report["results"]}
@@ -38,12 +53,15 @@ def test_tables_go_to_stdout_and_name_every_figure():
     assert row.split()[:3] == ["mix", "server", "1"]
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--floor", "--port", "5440"], "leave out --port"),
-    (["--instructions", "--port", "5440"], "leave out --port"),
-    (["--tls-ca", "ca.pem"], "--tls-ca is for a running TLS server"),
-    (["--concurrency", "4,x"], "expected numbers like 1,4,16"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--floor", "--port", "5440"], "leave out --port"),
+        (["--instructions", "--port", "5440"], "leave out --port"),
+        (["--tls-ca", "ca.pem"], "--tls-ca is for a running TLS server"),
+        (["--concurrency", "4,x"], "expected numbers like 1,4,16"),
+    ],
+)
 def test_contradictory_options_are_refused_in_one_line(options, message):
     result = run_bench(*options, timeout=30)
     assert result.returncode == 2
