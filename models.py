@@ -99,6 +99,11 @@ class ModelFile(ModelHandler):
             module, own_width = load(self.path)
         except Exception as error:  # any failure to load a user's file is reported, never raised
             raise ModelError(f"cannot load {self.path}: {first_line(error)}") from None
+        if self.requested_width and own_width and own_width != self.requested_width:
+            raise ModelError(
+                f"{self.path} takes {own_width} inputs per row, but this server serves {self.requested_width}"
+                " (restart it to serve another width)"
+            )
         width = self.requested_width or own_width
         if width is None:
             raise ModelError(f"cannot tell the input width of {self.path}; pass --input-width")

@@ -13,6 +13,8 @@ import logging
 import math
 import os
 import signal
+import socket
+import ssl
 import sys
 import threading
 from array import array
@@ -27,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from models import LinearModel, ModelError, ModelFile, ModelHandler
+from models import LinearModel, ModelError, ModelFile, ModelHandler, first_line
 from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 
 if TYPE_CHECKING:
@@ -41,6 +43,8 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
 ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
 # The memo of roundings holds at most this many rows and this many values in all (about 64 B a value
 # for the row and its key): 64 MiB at worst, whatever the model's width.
+HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+MAX_MESSAGE_MB = 2047  # gRPC counts message sizes in a signed 32-bit int
 MEMO_ROWS = 4096
 MEMO_VALUES = 1 << 20
 
@@ -321,7 +325,7 @@ class ModelServer(pb2_grpc.ModelServerServicer):
         if self._model_file is None:
             raise ModelError("no model file is served (start the server with --model PATH)")
         with self._reload_lock:
-            fresh = ModelFile(self._model_file.path, self._model_file.requested_width)
+            fresh = ModelFile(self._model_file.path, width=self._model_file.width)  # clients send this width
             self._cache.set_model(fresh)
             self._model_file = fresh
         log.info("reloaded %s", fresh.path)
@@ -331,7 +335,7 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
     """Refuses calls that change the model unless they carry `authorization: Bearer <token>`."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
         self._refusal: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(self._refuse)
 
     def intercept_service(self, continuation, handler_call_details):
@@ -340,9 +344,11 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
         return continuation(handler_call_details)
 
     def _authorized(self, handler_call_details) -> bool:
+        """The scheme is matched case-insensitively, as HTTP does; the token exactly, in constant time."""
         metadata = handler_call_details.invocation_metadata or ()
-        supplied = next((value for key, value in metadata if key == "authorization"), "")
-        return hmac.compare_digest(str(supplied).encode(), self._expected)
+        supplied = str(next((value for key, value in metadata if key == "authorization"), ""))
+        scheme, _, token = supplied.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._expected)
 
     @staticmethod
     def _refuse(request, context):
@@ -420,22 +426,56 @@ def start_server(config: ServerConfig) -> RunningServer:
 def _bind(server: grpc.Server, config: ServerConfig) -> int:
     try:
         if config.tls_cert and config.tls_key:
-            credentials = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
-            port = server.add_secure_port(config.address, credentials)
+            port = server.add_secure_port(config.address, _tls_credentials(config.tls_cert, config.tls_key))
         else:
             port = server.add_insecure_port(config.address)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {config.address}: {error}") from None
+    except RuntimeError:
+        port = 0  # gRPC's message only says to set GRPC_VERBOSITY=debug
     if port == 0:
-        raise OSError(f"cannot listen on {config.address}: the address is taken or unavailable")
+        raise OSError(f"cannot listen on {config.address}: {_why_not_bindable(config.host, config.port)}")
     return port
 
 
+def _why_not_bindable(host: str, port: int) -> str:
+    """The operating system's own reason, found by binding a plain socket the way gRPC binds its own."""
+    try:
+        family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host.strip("[]"), port), family=family):
+            pass
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
+    return "gRPC could not bind it"
+
+
+def _tls_credentials(cert: Path, key: Path) -> grpc.ServerCredentials:
+    """The server's TLS credentials, or an OSError that names the file and what is wrong with it."""
+    chain, private_key = _read_pem(cert, "--tls-cert", b"CERTIFICATE-----"), _read_pem(key, "--tls-key", b"KEY-----")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        problem = "does not match the certificate" if "MISMATCH" in str(error) else f"cannot be used: {error.reason}"
+        raise OSError(f"--tls-key {key} {problem} in --tls-cert {cert}") from None
+    return grpc.ssl_server_credentials([(private_key, chain)])
+
+
+def _read_pem(path: Path, flag: str, label_end: bytes) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise OSError(f"cannot read {flag} {path}: {error.strerror}") from None
+    if b"-----BEGIN " not in data or label_end not in data:
+        kind = "certificate" if flag == "--tls-cert" else "private key"
+        raise OSError(f"{flag} {path} is not a PEM {kind} (no '-----BEGIN ...{label_end.decode()}' line)")
+    return data
+
+
 def serve(config: ServerConfig) -> int:
-    """Serve until SIGTERM or SIGINT; SIGHUP reloads the model file. Returns the exit code."""
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    # Blocked before any thread starts, so every thread inherits the mask and sigwait receives them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    """Serve until SIGTERM or SIGINT; SIGHUP reloads the model file. Returns the exit code.
+
+    The signals are blocked in every thread (main() blocks them before any thread starts, and threads
+    inherit the mask), so they wait for sigwait here, one at a time: a burst can neither interrupt a
+    shutdown under way nor kill the process with a default action.
+    """
     try:
         running = start_server(config)
     except (ModelError, OSError) as error:
@@ -443,14 +483,15 @@ def serve(config: ServerConfig) -> int:
         return 1
     model = config.model or "linear coefficients (set by SetCoefs)"
     log.info(
-        "ready: serving on %s (%d workers, cache size %d, model: %s%s)",
+        "ready: serving on %s (%d workers, cache size %d, model: %s%s, %s)",
         join_address(config.host, running.port),
         config.workers,
         config.cache_size,
         model,
         ", TLS" if config.tls_cert else "",
+        "SetCoefs and ReloadModel need the admin token" if config.admin_token else "no admin token",
     )
-    while (received := signal.sigwait(handled)) == signal.SIGHUP:
+    while (received := signal.sigwait(HANDLED_SIGNALS)) == signal.SIGHUP:
         try:
             running.servicer.reload()
         except ModelError as error:
@@ -466,6 +507,35 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _message_mb(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= MAX_MESSAGE_MB:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a size in MiB above 0 and at most {MAX_MESSAGE_MB}, got {text}")
+    return value
+
+
+def _grace(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds from 0 up, got {text}")
+    return value
+
+
+def _token_problem(token: str) -> str | None:
+    """Why a token cannot serve as the admin token, or None: it must travel in gRPC metadata unchanged."""
+    if not token:
+        return "is empty (leave it unset to let anyone call SetCoefs)"
+    if not all(" " < character <= "~" for character in token):
+        return "must be printable ASCII without spaces, as gRPC metadata carries it"
+    return None
+
+
+def _admin_token(text: str) -> str:
+    if problem := _token_problem(text):
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _port(text: str) -> int:
@@ -496,33 +566,51 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     parser.add_argument("--input-width", type=_positive_int, help="inputs per row, where the model file cannot tell")
     parser.add_argument(
         "--admin-token",
-        default=os.environ.get(ADMIN_TOKEN_ENV) or None,
+        type=_admin_token,
         help=f"require 'authorization: Bearer TOKEN' for SetCoefs and ReloadModel (or ${ADMIN_TOKEN_ENV})",
     )
     parser.add_argument("--tls-cert", type=Path, help="PEM certificate chain; serves TLS with --tls-key")
     parser.add_argument("--tls-key", type=Path, help="PEM private key")
     parser.add_argument(
         "--max-message-mb",
-        type=float,
+        type=_message_mb,
         default=defaults.max_message_mb,
         help="largest request or response in MiB (default %(default)s)",
     )
     parser.add_argument(
         "--grace",
-        type=float,
+        type=_grace,
         default=defaults.grace,
         help="seconds in-flight calls get to finish on shutdown (default %(default)s)",
     )
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
+    if args.admin_token is None and ADMIN_TOKEN_ENV in os.environ:
+        if problem := _token_problem(os.environ[ADMIN_TOKEN_ENV]):
+            parser.error(f"${ADMIN_TOKEN_ENV} {problem}")
+        args.admin_token = os.environ[ADMIN_TOKEN_ENV]
     return ServerConfig(**vars(args))
 
 
+class OneLineErrors(logging.Filter):
+    """gRPC logs a full traceback for every request it cannot parse; one line says as much."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {first_line(record.exc_info[1])}"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # First of all, before any thread can start: see serve().
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s modelserver %(levelname)s %(message)s"
     )
+    for grpc_logger in ("grpc._common", "grpc._server"):  # where gRPC logs requests it cannot parse
+        logging.getLogger(grpc_logger).addFilter(OneLineErrors())
     return serve(parse_args(argv))
 
 

@@ -1,6 +1,7 @@
 """Fixtures and helpers every test module shares (loaded by conftest.py): a real server.py process, stubs."""
 
 import socket
+import subprocess
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -52,3 +53,34 @@ def stub(server):
 def coefs_123(stub):
     """Coefficients [1, 2, 3] freshly set, so the cache starts empty."""
     assert stub.SetCoefs(pb2.SetCoefsRequest(coefs=[1, 2, 3])).error == ""
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for localhost and 127.0.0.1, and its key: (cert.pem, key.pem)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,97 @@ def test_a_restarted_server_is_reconnected_to_and_given_the_coefficients_again(t
     assert "sending the coefficients again" in stderr
     assert answered_after_restart.hits + answered_after_restart.misses > 0
     assert 0.0 <= float(last_line(stdout)) <= 1.0
+
+
+# --- what a careless user hands the client ------------------------------------------------------
+
+
+def test_a_csv_saved_with_a_byte_order_mark_loses_no_row(server, tmp_path):
+    workload = tmp_path / "spreadsheet.csv"
+    workload.write_bytes(b"\xef\xbb\xbf" + (WORKLOADS / "lru_order.csv").read_bytes())
+    result = run_client(server.port, "1,2,3", workload)
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "0.3333333333333333"
+    assert "header skipped" not in result.stderr
+
+
+def test_a_first_row_with_one_typo_is_a_malformed_row_not_a_header(server, tmp_path):
+    workload = tmp_path / "typo.csv"
+    workload.write_text("1,2,x3\n4,5,6\n")
+    result = run_client(server.port, "1,2,3", workload)
+    assert result.returncode == 1
+    assert f"{workload}:1: skipped, not a number: 'x3'" in result.stderr
+    assert "header skipped" not in result.stderr and last_line(result.stdout) == "0.0"
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "x,y,z\n"], ids=["empty", "blank-lines", "header-only"])
+def test_a_file_without_rows_is_one_line_and_exit_2_before_any_call(server, tmp_path, content):
+    workload = tmp_path / "nothing.csv"
+    workload.write_text(content)
+    before = stats(server)
+    result = run_client(server.port, "1,2,3", workload)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {workload} has no rows to predict (it is empty or holds only a header)"
+    ]
+    assert stats(server).hits + stats(server).misses == before.hits + before.misses
+
+
+def test_a_field_over_the_csv_limit_is_one_line_and_exit_1(server, tmp_path):
+    workload = tmp_path / "huge-field.csv"
+    workload.write_text("1,2,3\n" + "1" * 200_000 + ",2,3\n4,5,6\n")
+    result = run_client(server.port, "1,2,3", workload)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"error: {workload}:2: field larger than field limit (131072); the rest of the file is skipped" in (
+        result.stderr
+    )
+    assert last_line(result.stdout) == "0.0"
+
+
+def peak_memory_mb(pid: int) -> float:
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def test_a_big_csv_is_streamed_in_bounded_memory_with_progress_lines_when_stderr_is_not_a_terminal(server, tmp_path):
+    workload = tmp_path / "big.csv"
+    row = "0.1234,5.6789,-3.25\n"
+    with workload.open("w") as file:
+        for _ in range(60):
+            file.write(row * 50_000)  # 3,000,000 rows, 60 MB
+    coefs_before = stats(server)
+    client = subprocess.Popen(
+        client_command(server.port, "1,2,3", workload, options=("--progress-every", "0.2")),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_progress(server, coefs_before.hits + coefs_before.misses + 2000)
+        peak = peak_memory_mb(client.pid)
+    finally:
+        client.kill()
+        _, stderr = client.communicate(timeout=30)
+    assert peak < 250, f"the client's memory peaked at {peak:.0f} MB"
+    assert "progress: " in stderr and "of about 3,000,000 rows" in stderr
+
+
+def test_coefficients_may_start_with_a_minus_sign(server):
+    result = run_client(server.port, "-1,2,3", WORKLOADS / "lru_order.csv")
+    assert result.returncode == 0, result.stderr
+    assert last_line(result.stdout) == "0.3333333333333333"
+
+
+@pytest.mark.parametrize("port", ["0", "65536", "-5"])
+def test_a_port_out_of_range_is_a_usage_error_at_once(port):
+    started = time.monotonic()
+    result = subprocess.run(
+        [*CLIENT, port, "1,2,3", str(WORKLOADS / "lru_order.csv")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2 and "must be from 1 to 65535" in result.stderr
+    assert time.monotonic() - started < 10

@@ -232,3 +232,20 @@ def test_serves_and_reloads_a_torch_export_program(tmp_path):
     assert (first.y, first.hit, second.hit) == (pytest.approx(expected, abs=1e-6), False, True)
     assert wrong_width.error == "X has 2 values per row but the model takes 3"
     assert (after_reload.y, after_reload.hit) == (first.y, False)
+
+
+def test_a_reload_that_changes_the_width_is_refused_with_the_widths_in_the_answer_and_the_log(tmp_path):
+    path = save(Scaled(1.0, width=3), tmp_path / "model.pt")
+    with serve(path) as server, server.channel() as channel:
+        stub = pb2_grpc.ModelServerStub(channel)
+        save(Scaled(2.0, width=5), path)
+        error = stub.ReloadModel(pb2.ReloadModelRequest()).error
+        server.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "reload failed" not in server.log and time.monotonic() < deadline:
+            time.sleep(0.05)  # the log line is the only sign a signal was handled
+        reply = predict(stub, 1, 2, 3)
+    expected = f"{path} takes 5 inputs per row, but this server serves 3 (restart it to serve another width)"
+    assert error == expected
+    assert f"reload failed, the old model keeps serving: {expected}" in server.log
+    assert (reply.error, reply.y) == ("", 6.0)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -178,6 +179,116 @@ def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_exits_
     assert server.process.wait(timeout=15) == 0
 
 
+def test_signal_bursts_in_any_order_finish_in_flight_calls_and_exit_0(tmp_path):
+    """Two SIGTERMs 0.2 s apart with 8 calls in flight, then SIGINT: every call answered, exit 0, no traceback."""
+    model = tmp_path / "slow.pt"
+    torch.jit.script(Slow()).save(str(model))
+    server = start_server(["--model", str(model), "--grace", "20", "--workers", "8"])
+    with server.channel() as channel:
+        stub = pb2_grpc.ModelServerStub(channel)
+        in_flight = [stub.Predict.future(pb2.PredictRequest(X=[i, 2, 3]), timeout=60) for i in range(8)]
+        deadline = time.monotonic() + 20
+        while stub.GetStats(pb2.GetStatsRequest()).misses < len(in_flight) and time.monotonic() < deadline:
+            time.sleep(0.01)  # a miss is counted as its computation starts
+        for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            server.process.send_signal(sig)
+            time.sleep(0.2)  # the burst's own spacing, as the issue reported it
+        answers = [call.result().y for call in in_flight]
+    assert answers == [5.0 + i for i in range(8)]
+    assert server.process.wait(timeout=30) == 0
+    assert server.log.count("received: stopping") == 1 and "stopped" in server.log and "Traceback" not in server.log
+
+
+def test_reload_signals_5_ms_apart_never_kill_the_server(tmp_path):
+    model = tmp_path / "slow.pt"
+    torch.jit.script(Slow()).save(str(model))
+    with start_server(["--model", str(model)]) as server, server.channel() as channel:
+        for _ in range(3):
+            server.process.send_signal(signal.SIGHUP)
+            time.sleep(0.005)
+        deadline = time.monotonic() + 30
+        while server.log.count("reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the log line is the only sign a signal was handled
+        reply = predict(pb2_grpc.ModelServerStub(channel), 1, 2, 3, timeout=30)
+        assert server.process.poll() is None
+    assert reply.error == "" and server.log.count("reloaded") >= 2
+    assert server.process.returncode == 0
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
+
+
+def test_requests_the_model_refuses_leave_no_memory_behind():
+    """Thirty different 1,000,000-value rows the model refuses: nothing of them is kept (it was 77 MB each)."""
+    with start_server() as server, server.channel() as channel:
+        stub = pb2_grpc.ModelServerStub(channel)
+        refused_before_any_model = predict(stub, *([0.5] * 1_000_000), timeout=30)
+        stub.SetCoefs(pb2.SetCoefsRequest(coefs=[1, 2, 3]))
+        baseline = rss_mb(server.process.pid)
+        for i in range(30):
+            reply = predict(stub, *([i + 0.5] * 1_000_000), timeout=30)
+            assert reply.error == "X has 1000000 values per row but the model takes 3"
+        grown = rss_mb(server.process.pid) - baseline
+    assert refused_before_any_model.error == "no model yet: call SetCoefs first"
+    assert grown < 150, f"resident memory grew by {grown:.0f} MB"
+
+
+def start_refused(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "server.py"), "--host", "127.0.0.1", "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e10"])
+def test_impossible_message_limits_are_refused_at_start_in_one_line(value):
+    result = start_refused("--max-message-mb", value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--max-message-mb: must be a size in MiB above 0 and at most 2047, got {value}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, env_token, message",
+    [
+        (("--admin-token", ""), None, "--admin-token: is empty"),
+        ((), "", "$MODELSERVER_ADMIN_TOKEN is empty"),
+        (("--admin-token", "tökén"), None, "--admin-token: must be printable ASCII"),
+        (("--admin-token", "two\nlines"), None, "--admin-token: must be printable ASCII"),
+        ((), "with space", "$MODELSERVER_ADMIN_TOKEN must be printable ASCII"),
+    ],
+    ids=["empty-flag", "empty-variable", "non-ascii", "newline", "space"],
+)
+def test_admin_tokens_that_cannot_work_are_refused_at_start_in_one_line(args, env_token, message):
+    env = {key: value for key, value in os.environ.items() if key != "MODELSERVER_ADMIN_TOKEN"}
+    if env_token is not None:
+        env["MODELSERVER_ADMIN_TOKEN"] = env_token
+    result = start_refused(*args, env=env)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_ready_line_says_whether_set_coefs_needs_the_token(guarded, server):
+    assert "SetCoefs and ReloadModel need the admin token" in guarded.log
+    assert "no admin token" in server.log
+
+
+def test_a_malformed_request_is_one_log_line_and_the_server_carries_on(server, stub, coefs_123):
+    with server.channel() as channel:
+        raw_predict = channel.unary_unary("/ModelServer/Predict", request_serializer=None)
+        with pytest.raises(grpc.RpcError) as refused:
+            raw_predict(b"\xff\xff\xff", timeout=CALL_DEADLINE)
+    assert refused.value.code() == grpc.StatusCode.INTERNAL
+    assert predict(stub, 1, 2, 3).y == 14.0
+    about_it = [line for line in server.log_lines if "deserializing" in line]
+    assert about_it[-1].endswith("Exception deserializing message!: Error parsing message with type 'PredictRequest'\n")
+    assert "Traceback" not in server.log
+
+
 # --- the admin token ----------------------------------------------------------------------------
 
 
@@ -231,41 +342,20 @@ def test_client_sends_the_token_from_the_environment_or_the_flag(guarded):
     assert from_env.stdout.split()[-1] == from_flag.stdout.split()[-1] == "0.3333333333333333"
 
 
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_the_bearer_scheme_is_matched_case_insensitively(guarded, scheme):
+    with guarded.channel() as channel:
+        reply = pb2_grpc.ModelServerStub(channel).SetCoefs(
+            pb2.SetCoefsRequest(coefs=[1, 2, 3]), metadata=(("authorization", f"{scheme} {TOKEN}"),)
+        )
+    assert reply.error == ""
+
+
 def test_the_token_never_appears_in_the_log(guarded):
     assert TOKEN not in guarded.log
 
 
 # --- TLS ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return cert, key
 
 
 def test_tls_serves_clients_that_trust_the_certificate_and_only_them(certificate):
@@ -294,6 +384,92 @@ def test_tls_serves_clients_that_trust_the_certificate_and_only_them(certificate
     assert result.stdout.split()[-1] == "0.3333333333333333"
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert ", TLS" in server.log
+
+
+def client_with(port: int, *options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "client.py"), "--host", "localhost", *options, str(port), "1,2,3"]
+    return subprocess.run(
+        [*command, str(ROOT / "workloads" / "lru_order.csv")], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def tls_server(certificate):
+    cert, key = certificate
+    with start_server(["--tls-cert", str(cert), "--tls-key", str(key)], tls_ca=cert.read_bytes()) as server:
+        yield server
+
+
+def test_a_client_that_trusts_another_ca_is_told_the_certificate_was_refused_at_once(tls_server, tmp_path):
+    other = tmp_path / "other-ca.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=other",
+         "-keyout", str(tmp_path / "other-key.pem"), "-out", str(other)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    started = time.monotonic()
+    result = client_with(tls_server.port, "--tls-ca", str(other))
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: the TLS handshake with localhost:{tls_server.port} failed: "
+        "the server's certificate is refused (self-signed certificate)"
+    ]
+
+
+def test_a_plaintext_client_before_a_tls_server_is_told_so_at_once(tls_server):
+    started = time.monotonic()
+    result = client_with(tls_server.port)
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: the server at localhost:{tls_server.port} speaks TLS: pass --tls-ca with the CA that signed its "
+        "certificate"
+    ]
+
+
+def test_a_tls_client_before_a_plaintext_server_is_told_so_at_once(server, certificate):
+    cert, _ = certificate
+    started = time.monotonic()
+    result = client_with(server.port, "--tls-ca", str(cert))
+    assert time.monotonic() - started < 10
+    assert result.returncode == 1 and "does not speak TLS" in result.stderr and "leave out --tls-ca" in result.stderr
+
+
+def test_a_ca_file_that_is_not_pem_is_a_usage_error(server, tmp_path):
+    bogus = tmp_path / "ca.txt"
+    bogus.write_text("not a certificate\n")
+    result = client_with(server.port, "--tls-ca", str(bogus))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: --tls-ca {bogus} is not a PEM certificate (no '-----BEGIN CERTIFICATE-----' line)"
+    )
+
+
+@pytest.mark.parametrize(
+    "swap, message",
+    [
+        ("cert", "--tls-cert {path} is not a PEM certificate"),
+        ("key", "--tls-key {path} is not a PEM private key"),
+        ("other-key", "--tls-key {path} does not match the certificate in --tls-cert"),
+    ],
+)
+def test_unusable_certificate_files_are_named_with_their_problem(certificate, tmp_path, swap, message):
+    cert, key = certificate
+    if swap == "other-key":
+        path = tmp_path / "other.pem"
+        subprocess.run(["openssl", "genrsa", "-out", str(path), "2048"], check=True, capture_output=True, timeout=60)
+        args = ("--tls-cert", str(cert), "--tls-key", str(path))
+    else:
+        path = tmp_path / "not-pem.txt"
+        path.write_text("hello\n")
+        args = (
+            ("--tls-cert", str(path), "--tls-key", str(key))
+            if swap == "cert"
+            else ("--tls-cert", str(cert), "--tls-key", str(path))
+        )
+    result = start_refused(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message.format(path=path) in result.stderr
 
 
 def test_tls_needs_both_certificate_and_key(certificate):
