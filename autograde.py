@@ -1,7 +1,12 @@
 """Score the project as graders do: build and run the Docker image, then test it over gRPC and with client.py.
 
-    python3 autograde.py            build the image, start a container, run the checks inside it
+    python3 autograde.py            the course's procedure in Docker (below)
     python3 autograde.py --local    the same gRPC and client checks against server.py, without Docker
+
+The course's procedure: build the image; run it with this folder bind-mounted as its working directory
+(`docker run --rm -d -w /autograde -v .:/autograde`); wait a fixed 5 s; `docker exec` a script from this
+folder (this one, with --run-checks) that imports the folder's stubs, calls the server on 127.0.0.1:5440,
+runs client.py, and writes its results into the folder; read them back on the host.
 
 Prints a table and `Score: N/100`, writes the results as JSON, exits 1 if any test failed.
 """
@@ -12,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +30,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 WORKLOADS = HERE / "workloads"
 CONTAINER_PORT = 5440
+ANSI_COLOR = re.compile(r"\x1b\[[0-9;]*m")
+DOCKER_NOTICES = ("DEPRECATED: The legacy builder", "Install the buildx component", "docs.docker.com/go/buildx")
+CONTAINER_FOLDER = "/autograde"
+GRADERS_WAIT = 5.0  # seconds: the graders' fixed sleep between `docker run` and `docker exec`
+INSIDE_RESULTS = "autograde_inside.json"  # what the in-container run writes into the bind-mounted folder
 
 # Each test's points; the checks that run inside the container are all but the first two.
 WEIGHTS = {
@@ -224,8 +235,17 @@ def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.Co
     except FileNotFoundError:
         raise CheckError("the docker command is not installed (use --local to grade without Docker)") from None
     if check and result.returncode != 0:
-        raise CheckError(f"docker {args[0]} failed: {(result.stderr or result.stdout).strip()[-400:]}")
+        raise CheckError(f"docker {args[0]} failed: {failure_reason(result)}")
     return result
+
+
+def failure_reason(result: subprocess.CompletedProcess) -> str:
+    """What a failed docker command said, in one line: the error lines of a build's steps (pip's are on
+    stdout), then Docker's own last word; its notices (the legacy builder's) are left out."""
+    lines = [ANSI_COLOR.sub("", line).strip() for line in f"{result.stdout}\n{result.stderr}".splitlines()]
+    said = [line for line in lines if line and not any(notice in line for notice in DOCKER_NOTICES)]
+    errors = [line for line in said if line.startswith("ERROR")]
+    return "; ".join([*errors[-3:], said[-1]] if said else ["no output"])[-600:]
 
 
 def build_image(image: str) -> None:
@@ -250,10 +270,22 @@ def wait_healthy(container: str, timeout: float) -> None:
 
 
 def run_in_container(container: str) -> list[Result]:
-    result = docker(
-        "exec", container, "python3", "/app/autograde.py", "--run-checks", "--port", str(CONTAINER_PORT), timeout=600
-    )
-    return [Result(**fields) for fields in json.loads(result.stdout)]
+    """`docker exec` this script from the bind-mounted folder; it writes its results there for the host to read."""
+    results_file = HERE / INSIDE_RESULTS
+    results_file.unlink(missing_ok=True)
+    try:
+        docker("exec", container, "python3", "autograde.py", "--run-checks", "--json", INSIDE_RESULTS, timeout=600)
+        return [Result(**fields) for fields in json.loads(results_file.read_text())]
+    finally:
+        results_file.unlink(missing_ok=True)
+
+
+def start_graders_container(image: str, container: str) -> None:
+    """`docker run` as graders do, then their fixed wait; the container must still run after it."""
+    docker("run", "--rm", "-d", "--name", container, "-w", CONTAINER_FOLDER, "-v", f"{HERE}:{CONTAINER_FOLDER}", image)
+    time.sleep(GRADERS_WAIT)  # the procedure's own fixed wait, not a readiness check: SERVING must come within it
+    state = docker("inspect", "--format", "{{.State.Status}}", container, check=False).stdout.strip()
+    expect(state == "running", f"the container is not running after {GRADERS_WAIT:g} s: {state or 'gone'}")
 
 
 def all_failed_after_build(detail: str) -> list[Result]:
@@ -267,15 +299,14 @@ def grade_docker(image: str) -> list[Result]:
     try:
         try:
             build_image(image)
-            docker("run", "-d", "--name", container, "-p", f"127.0.0.1::{CONTAINER_PORT}", image)
-            wait_healthy(container, timeout=120)
+            start_graders_container(image, container)
         except (CheckError, subprocess.TimeoutExpired) as error:
             failed = Result("docker_build_run", WEIGHTS["docker_build_run"], "failed", str(error))
             return [failed, *all_failed_after_build("the container did not start")]
         results.append(Result("docker_build_run", WEIGHTS["docker_build_run"], "passed"))
         try:
             inside = run_in_container(container)
-        except (CheckError, subprocess.TimeoutExpired, ValueError, TypeError) as error:
+        except (CheckError, subprocess.TimeoutExpired, OSError, ValueError, TypeError) as error:
             return results + all_failed_after_build(f"in-container runner: {error}")
         return [*results, Result("run_docker_autograde", 0, "passed"), *inside]
     finally:
@@ -314,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=CONTAINER_PORT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_checks:
-        print(json.dumps([asdict(result) for result in run_checks("localhost", args.port)]))
+        results = run_checks("127.0.0.1", args.port)
+        args.json.write_text(json.dumps([asdict(result) for result in results]) + "\n")
         return 0
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `finally` removes the container either way
     try:
