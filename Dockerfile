@@ -37,6 +37,7 @@ COPY examples ./examples
 RUN useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin modelserver
 
 EXPOSE 5440
+# Prometheus metrics are off unless asked for: docker run -p 127.0.0.1:9100:9100 p3 --metrics-port 9100
 # The probe reads the server's own flags, so it follows --port, --host and TLS (deploy/docker/healthcheck.py).
 HEALTHCHECK --interval=5s --start-period=30s --timeout=5s --retries=3 \
     CMD ["python3", "/app/healthcheck.py"]

@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from serverproc import SERVER_PY, ServerProcess, start_server, wait_until_serving
+from serverproc import SERVER_PY, ServerProcess, free_port, start_server, wait_until_serving
 from stubs import join_address, pb2, pb2_grpc
 
 BENCH_PY = Path(__file__).resolve()
@@ -247,11 +247,17 @@ def start_to_serving_seconds(times: int = 3) -> float:
 
 
 def instructions_per_request(modes: Sequence[str], seconds: float) -> list[dict]:
-    """Instructions the floor and server.py execute per Predict under 16 callers, counted by valgrind's
-    callgrind after a warm-up: unlike seconds, the count is the same on a busy machine as on an idle one."""
+    """Instructions the floor, server.py, and server.py with metrics on execute per Predict under 16 callers,
+    counted by valgrind's callgrind after a warm-up: unlike seconds, the count is the same on a busy machine
+    as on an idle one."""
     counts: dict[str, dict[str, float]] = {}
+    targets: tuple[tuple[str, list[str], Path], ...] = (
+        ("floor", ["--serve-floor"], BENCH_PY),
+        ("server", [], SERVER_PY),
+        ("metrics", ["--metrics-port", str(free_port())], SERVER_PY),
+    )
     with tempfile.TemporaryDirectory() as folder:
-        for name, args, script in (("floor", ["--serve-floor"], BENCH_PY), ("server", [], SERVER_PY)):
+        for name, args, script in targets:
             output = Path(folder) / f"{name}.callgrind"
             wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={output}"]
             server = start_server(args, timeout=900, script=script, wrapper=wrapper)
@@ -268,6 +274,8 @@ def instructions_per_request(modes: Sequence[str], seconds: float) -> list[dict]
             "floor": round(counts["floor"][mode]),
             "server": round(counts["server"][mode]),
             "ratio": round(counts["server"][mode] / counts["floor"][mode], 3),
+            "with_metrics": round(counts["metrics"][mode]),
+            "metrics_cost": round(counts["metrics"][mode] / counts["server"][mode], 3),
         }
         for mode in modes
     ]
@@ -439,9 +447,12 @@ def print_tables(report: dict) -> None:
         print(f"start to SERVING: {report['start_to_serving_s']:.2f} s")
     if "instructions" in report:
         print("\ninstructions per request under callgrind (16 callers)")
-        print(f"{'mode':<5} {'floor':>9} {'server':>9} {'ratio':>6}")
+        print(f"{'mode':<5} {'floor':>9} {'server':>9} {'ratio':>6} {'metrics on':>10} {'on / off':>8}")
         for r in report["instructions"]:
-            print(f"{r['mode']:<5} {r['floor']:>9} {r['server']:>9} {r['ratio']:>6.2f}")
+            print(
+                f"{r['mode']:<5} {r['floor']:>9} {r['server']:>9} {r['ratio']:>6.2f} "
+                f"{r['with_metrics']:>10} {r['metrics_cost']:>8.3f}"
+            )
 
 
 def concurrency_list(text: str) -> list[int]:

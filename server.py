@@ -17,6 +17,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -34,6 +35,8 @@ from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 
 if TYPE_CHECKING:
     import torch
+
+    from metrics import MetricsServer
 
 log = logging.getLogger("modelserver")
 
@@ -82,6 +85,9 @@ class CacheStats:
     evictions: int
     size: int
     capacity: int
+    batched_rows: int  # rows that came in calls of more than one row
+    generation: int  # model changes since start
+    changed_at: float  # when the model last changed, seconds since the epoch
 
 
 class PredictionCache:
@@ -104,7 +110,8 @@ class PredictionCache:
         self._memo_values = 0
         self._model: ModelHandler | None = None
         self._generation = 0
-        self._hits = self._misses = self._evictions = 0
+        self._changed_at = time.time()
+        self._hits = self._misses = self._evictions = self._batched_rows = 0
         if model is not None:
             self.set_model(model)
 
@@ -125,6 +132,7 @@ class PredictionCache:
         with self._lock:
             old_model, self._model = self._model, model
             self._generation += 1
+            self._changed_at = time.time()
             self._entries.clear()
             self._forget_rows()
         if old_model is not None:
@@ -136,6 +144,9 @@ class PredictionCache:
 
         X, rows = _checked_rows(X)
         one_row = tuple(rows[0]) if len(rows) == 1 else None
+        if one_row is None:
+            with self._lock:
+                self._batched_rows += len(rows)
         remembered = self._memo.get(one_row) if one_row is not None else None
         if remembered is not None:  # a row seen before: its key without a torch op
             y, hit = self._predict_key(remembered)
@@ -169,7 +180,16 @@ class PredictionCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self._hits, self._misses, self._evictions, len(self._entries), self._capacity)
+            return CacheStats(
+                self._hits,
+                self._misses,
+                self._evictions,
+                len(self._entries),
+                self._capacity,
+                self._batched_rows,
+                self._generation,
+                self._changed_at,
+            )
 
     def _lookup(
         self, key: tuple[float, ...], width: int, raw_row: tuple[float, ...] | None
@@ -287,6 +307,14 @@ def _answers_errors(response_type: type) -> Callable:
     return decorate
 
 
+@dataclass(frozen=True)
+class ModelStats:
+    name: str  # "linear", or the model file's stem
+    kind: str  # "linear", "torch.export" or "TorchScript"
+    reloads: int
+    reload_failures: int
+
+
 class ModelServer(pb2_grpc.ModelServerServicer):
     """Translates requests to the cache: repeated floats in, floats and error strings out."""
 
@@ -294,6 +322,7 @@ class ModelServer(pb2_grpc.ModelServerServicer):
         self._cache = cache
         self._model_file = model_file
         self._reload_lock = threading.Lock()
+        self._reloads = self._reload_failures = 0
 
     @_answers_errors(pb2.SetCoefsResponse)
     def SetCoefs(self, request, context):
@@ -326,9 +355,22 @@ class ModelServer(pb2_grpc.ModelServerServicer):
             raise ModelError("no model file is served (start the server with --model PATH)")
         with self._reload_lock:
             fresh = ModelFile(self._model_file.path, width=self._model_file.width)  # clients send this width
-            self._cache.set_model(fresh)
+            try:
+                self._cache.set_model(fresh)
+            except ModelError:
+                self._reload_failures += 1
+                raise
             self._model_file = fresh
+            self._reloads += 1
         log.info("reloaded %s", fresh.path)
+
+    def model_stats(self) -> ModelStats:
+        """Which model is served and how its reloads went (read without the reload lock: a scrape never waits)."""
+        model_file = self._model_file
+        if model_file is None:
+            return ModelStats("linear", "linear", 0, 0)
+        kind = "torch.export" if model_file.path.suffix == ".pt2" else "TorchScript"
+        return ModelStats(model_file.path.stem, kind, self._reloads, self._reload_failures)
 
 
 class AdminTokenInterceptor(grpc.ServerInterceptor):
@@ -371,6 +413,7 @@ class ServerConfig:
     tls_key: Path | None = None
     max_message_mb: float = 4.0
     grace: float = 3.0
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -384,12 +427,15 @@ class RunningServer:
     servicer: ModelServer
     cache: PredictionCache
     port: int
+    metrics: MetricsServer | None = None
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, say NOT_SERVING, and let in-flight calls finish within the grace period."""
         stopped = self.server.stop(grace)
         self.health.enter_graceful_shutdown()  # reaches watchers: their streams are in flight
         stopped.wait()
+        if self.metrics is not None:
+            self.metrics.close()
         self.cache.close()
 
 
@@ -398,6 +444,14 @@ def start_server(config: ServerConfig) -> RunningServer:
     model_file = ModelFile(config.model, config.input_width) if config.model else None
     cache = PredictionCache(config.cache_size, model=model_file)
     servicer = ModelServer(cache, model_file)
+    interceptors: list[grpc.ServerInterceptor] = []
+    metrics = None
+    if config.metrics_port is not None:  # first, so that a port it cannot have leaves the gRPC port unbound
+        metrics = _metrics_server(cache, servicer)
+        metrics.listen(config.host, config.metrics_port)
+        interceptors.append(metrics.interceptor)  # outermost: it sees the token check's refusals too
+    if config.admin_token:
+        interceptors.append(AdminTokenInterceptor(config.admin_token))
     max_bytes = int(config.max_message_mb * 1024 * 1024)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers),
@@ -406,7 +460,7 @@ def start_server(config: ServerConfig) -> RunningServer:
             ("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", max_bytes),
         ),
-        interceptors=[AdminTokenInterceptor(config.admin_token)] if config.admin_token else None,
+        interceptors=interceptors,
     )
     pb2_grpc.add_ModelServerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(
@@ -416,11 +470,23 @@ def start_server(config: ServerConfig) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = _bind(server, config)
+    try:
+        port = _bind(server, config)
+    except OSError:
+        if metrics is not None:
+            metrics.close()
+        raise
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server, health_servicer, servicer, cache, port)
+    return RunningServer(server, health_servicer, servicer, cache, port, metrics)
+
+
+def _metrics_server(cache: PredictionCache, servicer: ModelServer) -> MetricsServer:
+    """Imported only when asked for: with metrics off, nothing of them is loaded or paid."""
+    from metrics import MetricsServer, ServerCollector
+
+    return MetricsServer(ServerCollector(cache.stats, servicer.model_stats))
 
 
 def _bind(server: grpc.Server, config: ServerConfig) -> int:
@@ -483,13 +549,14 @@ def serve(config: ServerConfig) -> int:
         return 1
     model = config.model or "linear coefficients (set by SetCoefs)"
     log.info(
-        "ready: serving on %s (%d workers, cache size %d, model: %s%s, %s)",
+        "ready: serving on %s (%d workers, cache size %d, model: %s%s, %s%s)",
         join_address(config.host, running.port),
         config.workers,
         config.cache_size,
         model,
         ", TLS" if config.tls_cert else "",
         "SetCoefs and ReloadModel need the admin token" if config.admin_token else "no admin token",
+        f", metrics on http://{join_address(config.host, running.metrics.port)}/metrics" if running.metrics else "",
     )
     while (received := signal.sigwait(HANDLED_SIGNALS)) == signal.SIGHUP:
         try:
@@ -576,6 +643,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         type=_message_mb,
         default=defaults.max_message_mb,
         help="largest request or response in MiB (default %(default)s)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (off by default)",
     )
     parser.add_argument(
         "--grace",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVER_PY = Path(__file__).resolve().parent / "server.py"
 READY_LINE = re.compile(r"ready: serving on \S*:(\d+)")
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for a server that must start after its client, or a second endpoint."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_until_serving(channel: grpc.Channel, timeout: float, service: str = "") -> None:

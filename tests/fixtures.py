@@ -1,6 +1,5 @@
 """Fixtures and helpers every test module shares (loaded by conftest.py): a real server.py process, stubs."""
 
-import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterable
@@ -14,13 +13,6 @@ from stubs import pb2, pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 CALL_DEADLINE = 5.0  # seconds any single test call may take; a hung server fails the test instead of hanging it
-
-
-def free_port() -> int:
-    """A port nobody listens on now, for a server that must start after its client."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def predict(stub: pb2_grpc.ModelServerStub, *x: float, timeout: float = CALL_DEADLINE) -> pb2.PredictResponse:

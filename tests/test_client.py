@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from serverproc import start_server
+from serverproc import free_port, start_server
 from stubs import pb2, pb2_grpc
-from tests.fixtures import ROOT, free_port
+from tests.fixtures import ROOT
 
 WORKLOADS = ROOT / "workloads"
 CLIENT = [sys.executable, str(ROOT / "client.py")]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import autograde
-from tests.fixtures import ROOT, SHARED, free_port
+from serverproc import free_port
+from tests.fixtures import ROOT, SHARED
 
 IMAGE = "p3"
 SANDBOX = SHARED / "tools" / "docker-sandbox"
