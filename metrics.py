@@ -39,6 +39,7 @@ PREFIX = "modelserver"
 # From 100 µs (a cached answer on an idle server) to 10 s (a slow model under load), about 2.5x apart.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BUCKET_LABELS = (*map(floatToGoString, LATENCY_BUCKETS), "+Inf")  # as Prometheus writes `le`
+MAX_WRAPPED_HANDLERS = 256
 UNMEASURED_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -102,17 +103,21 @@ class RequestMetrics(grpc.ServerInterceptor, Collector):
         self._lock = threading.Lock()
         self._in_flight = 0
         self._tallies: dict[str, RpcTally] = {}
-        self._wrapped: dict[tuple[str, int], grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(UNMEASURED_SERVICES):
             return handler
-        key = (method, id(handler))
-        wrapped = self._wrapped.get(key)
-        if wrapped is None:
-            wrapped = self._wrapped[key] = self._wrap(method.rsplit("/", 1)[-1], handler)
+        key = (method, id(handler))  # a method may have two handlers: the real one and the token check's refusal
+        known = self._wrapped.get(key)
+        if known is not None and known[0] is handler:
+            return known[1]
+        if len(self._wrapped) >= MAX_WRAPPED_HANDLERS:
+            self._wrapped.clear()  # handlers are long-lived in practice; this only bounds a surprise
+        wrapped = self._wrap(method.rsplit("/", 1)[-1], handler)
+        self._wrapped[key] = (handler, wrapped)
         return wrapped
 
     def _wrap(self, rpc: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
