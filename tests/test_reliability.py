@@ -157,16 +157,27 @@ class Slow(nn.Module):
         return X.sum(dim=1) + start
 
 
-def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_exits_0(tmp_path):
-    model = tmp_path / "slow.pt"
+def start_slow_server(folder: Path, *args: str):
+    """A server of the Slow model, which takes about a second a call."""
+    model = folder / "slow.pt"
     torch.jit.script(Slow()).save(str(model))
-    server = start_server(["--model", str(model), "--grace", "8"])
+    return start_server(["--model", str(model), *args])
+
+
+def calls_in_flight(stub, count: int) -> list[grpc.Future]:
+    """`count` Predict calls of Slow's, returned once every one of them is being computed."""
+    in_flight = [stub.Predict.future(pb2.PredictRequest(X=[i, 2, 3]), timeout=60) for i in range(count)]
+    deadline = time.monotonic() + 20
+    while stub.GetStats(pb2.GetStatsRequest()).misses < count and time.monotonic() < deadline:
+        time.sleep(0.01)  # a miss is counted as its computation starts
+    return in_flight
+
+
+def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_exits_0(tmp_path):
+    server = start_slow_server(tmp_path, "--grace", "8")
     with server.channel() as channel:
         stub = pb2_grpc.ModelServerStub(channel)
-        in_flight = [stub.Predict.future(pb2.PredictRequest(X=[i, 2, 3]), timeout=30) for i in range(4)]
-        deadline = time.monotonic() + 20
-        while stub.GetStats(pb2.GetStatsRequest()).misses < len(in_flight) and time.monotonic() < deadline:
-            time.sleep(0.01)  # a miss is counted as its computation starts
+        in_flight = calls_in_flight(stub, 4)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         server.process.send_signal(signal.SIGTERM)
@@ -181,15 +192,10 @@ def test_sigterm_under_load_finishes_in_flight_calls_refuses_new_ones_and_exits_
 
 def test_signal_bursts_in_any_order_finish_in_flight_calls_and_exit_0(tmp_path):
     """Two SIGTERMs 0.2 s apart with 8 calls in flight, then SIGINT: every call answered, exit 0, no traceback."""
-    model = tmp_path / "slow.pt"
-    torch.jit.script(Slow()).save(str(model))
-    server = start_server(["--model", str(model), "--grace", "20", "--workers", "8"])
+    server = start_slow_server(tmp_path, "--grace", "20", "--workers", "8")
     with server.channel() as channel:
         stub = pb2_grpc.ModelServerStub(channel)
-        in_flight = [stub.Predict.future(pb2.PredictRequest(X=[i, 2, 3]), timeout=60) for i in range(8)]
-        deadline = time.monotonic() + 20
-        while stub.GetStats(pb2.GetStatsRequest()).misses < len(in_flight) and time.monotonic() < deadline:
-            time.sleep(0.01)  # a miss is counted as its computation starts
+        in_flight = calls_in_flight(stub, 8)
         for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             server.process.send_signal(sig)
             time.sleep(0.2)  # the burst's own spacing, as the issue reported it
@@ -200,9 +206,7 @@ def test_signal_bursts_in_any_order_finish_in_flight_calls_and_exit_0(tmp_path):
 
 
 def test_reload_signals_5_ms_apart_never_kill_the_server(tmp_path):
-    model = tmp_path / "slow.pt"
-    torch.jit.script(Slow()).save(str(model))
-    with start_server(["--model", str(model)]) as server, server.channel() as channel:
+    with start_slow_server(tmp_path) as server, server.channel() as channel:
         for _ in range(3):
             server.process.send_signal(signal.SIGHUP)
             time.sleep(0.005)
@@ -358,34 +362,6 @@ def test_the_token_never_appears_in_the_log(guarded):
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-def test_tls_serves_clients_that_trust_the_certificate_and_only_them(certificate):
-    cert, key = certificate
-    with start_server(["--tls-cert", str(cert), "--tls-key", str(key)], tls_ca=cert.read_bytes()) as server:
-        result = subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "client.py"),
-                "--host",
-                "localhost",
-                "--tls-ca",
-                str(cert),
-                str(server.port),
-                "1,2,3",
-                str(ROOT / "workloads" / "lru_order.csv"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        with server.channel() as plaintext, pytest.raises(grpc.RpcError) as refused:
-            predict(pb2_grpc.ModelServerStub(plaintext), 1, 2, 3, timeout=3)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[-1] == "0.3333333333333333"
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert ", TLS" in server.log
-
-
 def client_with(port: int, *options: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "client.py"), "--host", "localhost", *options, str(port), "1,2,3"]
     return subprocess.run(
@@ -398,6 +374,17 @@ def tls_server(certificate):
     cert, key = certificate
     with start_server(["--tls-cert", str(cert), "--tls-key", str(key)], tls_ca=cert.read_bytes()) as server:
         yield server
+
+
+def test_tls_serves_clients_that_trust_the_certificate_and_only_them(tls_server, certificate):
+    cert, _ = certificate
+    result = client_with(tls_server.port, "--tls-ca", str(cert))
+    with tls_server.channel() as plaintext, pytest.raises(grpc.RpcError) as refused:
+        predict(pb2_grpc.ModelServerStub(plaintext), 1, 2, 3, timeout=3)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "0.3333333333333333"
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert ", TLS" in tls_server.log
 
 
 def test_a_client_that_trusts_another_ca_is_told_the_certificate_was_refused_at_once(tls_server, tmp_path):
@@ -474,11 +461,5 @@ def test_unusable_certificate_files_are_named_with_their_problem(certificate, tm
 
 def test_tls_needs_both_certificate_and_key(certificate):
     cert, _ = certificate
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "server.py"), "--tls-cert", str(cert)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = start_refused("--tls-cert", str(cert))
     assert result.returncode == 2 and "TLS needs both --tls-cert and --tls-key" in result.stderr
