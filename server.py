@@ -44,10 +44,13 @@ DECIMALS = 4
 SCALE = 10.0**DECIMALS
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
 ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
-# The memo of roundings holds at most this many rows and this many values in all (about 64 B a value
-# for the row and its key): 64 MiB at worst, whatever the model's width.
 HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 MAX_MESSAGE_MB = 2047  # gRPC counts message sizes in a signed 32-bit int
+# The cache's keys hold at most this many values in all (about 32 B each as Python floats): 128 MiB at
+# worst, whatever the model's width. Rows of up to 419,430 values fit ten at a time; wider ones fewer.
+CACHE_VALUES = 1 << 22
+# The memo of roundings holds at most this many rows and this many values in all (about 64 B a value
+# for the row and its key): 64 MiB at worst, whatever the model's width.
 MEMO_ROWS = 4096
 MEMO_VALUES = 1 << 20
 
@@ -96,8 +99,9 @@ class PredictionCache:
     One lock guards the entries, the counters, the model and the memo of roundings. Predictions are
     computed outside the lock; the generation number, bumped by every model change, keeps a result
     computed with an old model out of the cache, so no Predict that starts after SetCoefs returns sees
-    old answers. The memo maps recent raw rows to their keys, so a repeated row skips the rounding;
-    it keeps only rows that were valid for the model served, and is bounded in rows and in values.
+    old answers. The entries are bounded in number (the LRU's capacity) and in values (CACHE_VALUES).
+    The memo maps recent raw rows to their keys, so a repeated row skips the rounding; it keeps only
+    rows that were valid for the model served, and is bounded in rows and in values.
     """
 
     def __init__(self, capacity: int = 10, model: ModelHandler | None = None):
@@ -106,6 +110,7 @@ class PredictionCache:
         self._capacity = capacity
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[float, ...], tuple[float, ...]] = OrderedDict()
+        self._entry_values = 0  # the values of all keys in the cache, bounded by CACHE_VALUES
         self._memo: dict[tuple[float, ...], tuple[float, ...]] = {}
         self._memo_values = 0
         self._model: ModelHandler | None = None
@@ -134,6 +139,7 @@ class PredictionCache:
             self._generation += 1
             self._changed_at = time.time()
             self._entries.clear()
+            self._entry_values = 0
             self._forget_rows()
         if old_model is not None:
             old_model.cleanup()
@@ -229,10 +235,13 @@ class PredictionCache:
         with self._lock:
             if generation != self._generation:
                 return  # the model changed while this was computed
+            if key not in self._entries:
+                self._entry_values += len(key)
             self._entries[key] = values
             self._entries.move_to_end(key)
-            if len(self._entries) > self._capacity:
-                self._entries.popitem(last=False)
+            while len(self._entries) > self._capacity or self._entry_values > CACHE_VALUES:
+                evicted, _ = self._entries.popitem(last=False)  # a row wider than the budget evicts itself
+                self._entry_values -= len(evicted)
                 self._evictions += 1
 
 

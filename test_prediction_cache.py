@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import ModelError, dot_float32
-from server import MEMO_VALUES, PredictionCache, round_row
+from server import CACHE_VALUES, MEMO_VALUES, PredictionCache, round_row
 from tests.fixtures import run_concurrently
 
 COEFS = torch.tensor([[1.0], [2.0], [3.0]])
@@ -285,6 +285,26 @@ def test_the_memo_of_roundings_is_bounded_in_values_whatever_the_width():
         wide.predict_row([i + 0.5] * width)
         assert wide._memo_values <= MEMO_VALUES
     assert 0 < len(wide._memo) <= 3
+
+
+def test_the_cache_is_bounded_in_values_as_well_as_entries():
+    """Ten rows of a third of the budget cannot all stay: the least recently used make room."""
+    width = CACHE_VALUES // 3
+    wide = PredictionCache(capacity=10)
+    wide.SetCoefs(torch.ones(width, 1))
+    for i in range(5):
+        assert wide.predict_row([i + 0.5] * width) == (float(width * (i + 0.5)), False)
+    stats = wide.stats()
+    assert (stats.size, stats.evictions) == (3, 2)
+    assert wide.predict_row([4.5] * width)[1] and not wide.predict_row([0.5] * width)[1]
+
+
+def test_a_row_wider_than_the_whole_budget_is_answered_but_not_kept():
+    width = CACHE_VALUES + 1
+    wide = PredictionCache()
+    wide.SetCoefs(torch.ones(width, 1))
+    assert wide.predict_row([0.5] * width) == (float(width * 0.5), False)
+    assert wide.stats().size == 0
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
