@@ -220,6 +220,8 @@ class PredictionCache:
     def _remember_row(self, raw_row: tuple[float, ...], key: tuple[float, ...]) -> None:
         if 0.0 in raw_row:
             return  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
+        if len(raw_row) > MEMO_VALUES:
+            return  # wider than the whole budget: not worth forgetting every other row for
         if len(self._memo) >= MEMO_ROWS or self._memo_values + len(raw_row) > MEMO_VALUES:
             self._forget_rows()
         self._memo[raw_row] = key

@@ -287,6 +287,14 @@ def test_the_memo_of_roundings_is_bounded_in_values_whatever_the_width():
     assert 0 < len(wide._memo) <= 3
 
 
+def test_a_row_wider_than_the_memos_budget_is_not_remembered():
+    width = MEMO_VALUES + 1
+    wide = PredictionCache()
+    wide.SetCoefs(torch.ones(width, 1))
+    wide.predict_row([0.5] * width)
+    assert wide._memo == {} and wide._memo_values == 0
+
+
 def test_the_cache_is_bounded_in_values_as_well_as_entries():
     """Ten rows of a third of the budget cannot all stay: the least recently used make room."""
     width = CACHE_VALUES // 3
