@@ -23,10 +23,10 @@ RUN grep -v '^torch==' requirements.txt > /tmp/requirements-rest.txt \
  && pip install -r /tmp/requirements-rest.txt \
  && rm /tmp/requirements-rest.txt
 
-COPY modelserver.proto .
-RUN python3 -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto
+COPY modelserver.proto inference.proto ./
+RUN python3 -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto inference.proto
 
-COPY stubs.py serverproc.py server.py models.py client.py autograde.py ./
+COPY stubs.py serverproc.py server.py models.py inference_server.py client.py autograde.py ./
 COPY deploy/docker/entrypoint.py deploy/docker/healthcheck.py deploy/docker/sitecustomize.py ./
 COPY workloads ./workloads
 COPY examples ./examples

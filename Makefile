@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STUBS := modelserver_pb2.py modelserver_pb2_grpc.py
+STUBS := modelserver_pb2.py modelserver_pb2_grpc.py inference_pb2.py inference_pb2_grpc.py
 DEMO_PORT ?= 5440
 # Set to https://download.pytorch.org/whl/cpu to fetch the small CPU-only torch from PyTorch's index.
 TORCH_INDEX_URL ?=
@@ -16,8 +16,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 
 setup: $(VENV)/.installed
 
-$(STUBS) &: modelserver.proto $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto
+$(STUBS) &: modelserver.proto inference.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto inference.proto
 
 stubs: $(STUBS)
 

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import timeit
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -102,6 +103,7 @@ class Round:
     p99_us: float
     hit_rate: float
     cpu_us_per_request: float | None
+    rows_per_second: float
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -109,11 +111,14 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
-async def drive(address: str, concurrency: int, seconds: float, mode: str, credentials) -> tuple[list[float], int]:
-    """Closed loop: each caller sends its next request when the last one returns. Returns latencies and hits."""
+async def drive(
+    address: str, concurrency: int, seconds: float, mode: str, credentials, *, rows_per_call: int = 1
+) -> tuple[list[float], int]:
+    """Closed loop: each caller sends its next request when the last one returns: a unary Predict, or a
+    ModelInfer of `rows_per_call` rows. Returns the calls' latencies and the rows answered from the cache."""
     channel = grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
     async with channel:
-        stub = pb2_grpc.ModelServerStub(channel)
+        call = batched_call(channel, rows_per_call) if rows_per_call > 1 else unary_call(channel)
         source = inputs(mode)
         latencies: list[float] = []
         hits = 0
@@ -122,21 +127,57 @@ async def drive(address: str, concurrency: int, seconds: float, mode: str, crede
         async def caller():
             nonlocal hits
             while (started := time.perf_counter()) < end:
-                reply = await stub.Predict(pb2.PredictRequest(X=next(source)), timeout=10)
+                cached = await call(source)  # awaited first: `hits += await ...` would read hits before the wait
                 latencies.append(time.perf_counter() - started)
-                hits += reply.hit
+                hits += cached
 
         await asyncio.gather(*(caller() for _ in range(concurrency)))
     return latencies, hits
 
 
+def unary_call(channel: grpc.aio.Channel):
+    stub = pb2_grpc.ModelServerStub(channel)
+
+    async def call(source: Iterator[list[float]]) -> int:
+        reply = await stub.Predict(pb2.PredictRequest(X=next(source)), timeout=10)
+        return int(reply.hit)
+
+    return call
+
+
+def batched_call(channel: grpc.aio.Channel, rows: int):
+    from inference_server import oip, oip_grpc
+
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+
+    async def call(source: Iterator[list[float]]) -> int:
+        request = oip.ModelInferRequest(model_name="linear")
+        request.inputs.add(name="X", datatype="FP32", shape=[rows, len(COEFS)])
+        request.raw_input_contents.append(
+            array("f", itertools.chain.from_iterable(itertools.islice(source, rows))).tobytes()
+        )
+        reply = await stub.ModelInfer(request, timeout=10)
+        return reply.parameters["cached_rows"].int64_param
+
+    return call
+
+
 def measure(
-    target: str, address: str, pid: int | None, *, concurrency: int, seconds: float, mode: str, credentials
+    target: str,
+    address: str,
+    pid: int | None,
+    *,
+    concurrency: int,
+    seconds: float,
+    mode: str,
+    credentials,
+    rows_per_call: int = 1,
 ) -> Round:
-    asyncio.run(drive(address, concurrency, min(0.5, seconds / 4), mode, credentials))  # warm up connections
+    warm_up = min(0.5, seconds / 4)
+    asyncio.run(drive(address, concurrency, warm_up, mode, credentials, rows_per_call=rows_per_call))
     cpu_before = process_cpu_seconds(pid) if pid else 0.0
     started = time.perf_counter()
-    latencies, hits = asyncio.run(drive(address, concurrency, seconds, mode, credentials))
+    latencies, hits = asyncio.run(drive(address, concurrency, seconds, mode, credentials, rows_per_call=rows_per_call))
     elapsed = time.perf_counter() - started
     cpu = process_cpu_seconds(pid) - cpu_before if pid else None
     cuts = statistics.quantiles(latencies, n=100)
@@ -148,8 +189,9 @@ def measure(
         cuts[49] * 1e6,
         cuts[89] * 1e6,
         cuts[98] * 1e6,
-        hits / len(latencies),
+        hits / (len(latencies) * rows_per_call),
         cpu / len(latencies) * 1e6 if cpu is not None else None,
+        len(latencies) * rows_per_call / elapsed,
     )
 
 
@@ -169,6 +211,7 @@ def median_round(rounds: list[Round]) -> Round:
         median("p99_us"),
         median("hit_rate"),
         median("cpu_us_per_request"),
+        median("rows_per_second"),
     )
 
 
@@ -307,13 +350,17 @@ class Target:
     address: str
     pid: int | None
     process: ServerProcess | None
+    rows_per_call: int = 1
 
 
 def start_targets(args: argparse.Namespace) -> list[Target]:
     if args.port:
-        return [Target("server", join_address(args.host, args.port), None, None)]
-    server = start_server()
-    targets = [Target("server", server.address, server.process.pid, server)]
+        targets = [Target("server", join_address(args.host, args.port), None, None)]
+    else:
+        server = start_server()
+        targets = [Target("server", server.address, server.process.pid, server)]
+    if args.batch:  # the same server, asked through ModelInfer
+        targets.append(Target("batch", targets[0].address, targets[0].pid, None, rows_per_call=args.batch))
     if args.floor:
         floor = start_server(["--serve-floor"], script=BENCH_PY)
         targets.insert(0, Target("floor", floor.address, floor.process.pid, floor))
@@ -352,6 +399,7 @@ def run(args: argparse.Namespace) -> dict:
                 seconds=args.duration,
                 mode=mode,
                 credentials=credentials,
+                rows_per_call=target.rows_per_call,
             )
             measured.setdefault((mode, level, target.name), []).append(result)
     finally:
@@ -362,6 +410,19 @@ def run(args: argparse.Namespace) -> dict:
     report = {"machine": machine(), "duration_s": args.duration, "rounds": args.rounds, "results": results}
     if args.floor:
         report["ratios"] = ratios(measured)
+    if args.batch:
+        report["batch_rows"] = args.batch
+        report["batch_ratios"] = [
+            {
+                "mode": mode,
+                "concurrency": level,
+                "rows_per_second": paired_ratio(rounds, measured[(mode, level, "server")], "rows_per_second"),
+            }
+            for (mode, level, target), rounds in measured.items()
+            if target == "batch"
+        ]
+    if args.chart:
+        draw_chart(report, args.chart)
     if args.micro:
         report["micro"] = microbenchmarks()
         report["start_to_serving_s"] = start_to_serving_seconds()
@@ -439,6 +500,10 @@ def print_tables(report: dict) -> None:
                 for name in ("rps", "p50_us", "p99_us", "cpu_us_per_request")
             ]
             print(f"{r['mode']:<5} {r['concurrency']:>7} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>8}")
+    if "batch_ratios" in report:
+        print(f"\nrows per second, ModelInfer of {report['batch_rows']} rows / unary Predict (paired rounds)")
+        for r in report["batch_ratios"]:
+            print(f"{r['mode']:<5} {r['concurrency']:>7} {r['rows_per_second']:>8.1f}")
     if "micro" in report:
         print(
             "\nin process (µs per call; *_vs_straightforward are ratios): "
@@ -453,6 +518,34 @@ def print_tables(report: dict) -> None:
                 f"{r['mode']:<5} {r['floor']:>9} {r['server']:>9} {r['ratio']:>6.2f} "
                 f"{r['with_metrics']:>10} {r['metrics_cost']:>8.3f}"
             )
+
+
+def draw_chart(report: dict, path: Path) -> None:
+    """Rows per second against clients: unary Predict and batched ModelInfer per mode, beside the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in report["results"]:
+        label = {
+            "floor": "floor (unary, constant answer)",
+            "server": "unary Predict",
+            "batch": f"ModelInfer, {report.get('batch_rows')} rows a call",
+        }[r["target"]]
+        lines.setdefault(f"{label}, {r['mode']}", []).append((r["concurrency"], r["rows_per_second"]))
+    for label, points in sorted(lines.items()):
+        clients, rows = zip(*sorted(points), strict=True)
+        axes.plot(clients, rows, marker="o", label=label)
+    axes.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="rows per second")
+    axes.set_xticks(sorted({r["concurrency"] for r in report["results"]}), labels=None)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title(f"{report['machine']['cores']} cores, {report['machine']['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def concurrency_list(text: str) -> list[int]:
@@ -489,6 +582,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="add instructions per request, server vs floor, counted under valgrind (slow: minutes)",
     )
+    parser.add_argument(
+        "--batch", type=int, metavar="ROWS", help="also send ModelInfer calls of ROWS rows to the server, alternately"
+    )
+    parser.add_argument("--chart", type=Path, help="draw rows per second against clients into this PNG")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server given by --port")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
     parser.add_argument("--serve-floor", action="store_true", help=argparse.SUPPRESS)

@@ -18,7 +18,6 @@ import ssl
 import sys
 import threading
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -30,7 +29,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from models import LinearModel, ModelError, ModelFile, ModelHandler, first_line
+from models import (
+    DECIMALS,
+    LinearModel,
+    ModelError,
+    ModelFile,
+    ModelHandler,
+    ModelUnavailableError,
+    Row,
+    first_line,
+    round_row,
+)
 from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 
 if TYPE_CHECKING:
@@ -40,8 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelserver")
 
-DECIMALS = 4
-SCALE = 10.0**DECIMALS
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
 ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
 HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
@@ -53,29 +60,6 @@ CACHE_VALUES = 1 << 22
 # for the row and its key): 64 MiB at worst, whatever the model's width.
 MEMO_ROWS = 4096
 MEMO_VALUES = 1 << 20
-
-
-# --- the cache key: rounding in plain Python ------------------------------------------------------
-# The server's hot path avoids torch: every small torch op releases and re-takes the GIL, which
-# costs a context switch per op inside a threaded server. round_row reproduces torch's float32
-# rounding bit for bit (test_prediction_cache.py proves it against torch itself).
-
-
-def _round_half_even(value: float) -> float:
-    """round() to the nearest even integer, keeping the sign of zero and passing inf and NaN through."""
-    if not math.isfinite(value):
-        return value
-    return round(value) or value * 0.0
-
-
-def round_row(row: Sequence[float]) -> list[float]:
-    """Round as torch.round(X, decimals=4) does on float32: x*1e4 in float32, half to even, /1e4."""
-    scaled = array("f", [x * SCALE for x in array("f", row)])
-    try:
-        rounded = [(round(s) or s * 0.0) / SCALE for s in scaled]
-    except (OverflowError, ValueError):  # inf or NaN in the row: the slower, general path
-        rounded = [_round_half_even(s) / SCALE for s in scaled]
-    return array("f", rounded).tolist()
 
 
 # --- the cache ----------------------------------------------------------------------------------
@@ -109,7 +93,7 @@ class PredictionCache:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self._capacity = capacity
         self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[float, ...], tuple[float, ...]] = OrderedDict()
+        self._entries: OrderedDict[Row, Row | None] = OrderedDict()  # None: an answer being computed
         self._entry_values = 0  # the values of all keys in the cache, bounded by CACHE_VALUES
         self._memo: dict[tuple[float, ...], tuple[float, ...]] = {}
         self._memo_values = 0
@@ -162,7 +146,7 @@ class PredictionCache:
         model, generation, cached = self._lookup(key, width=len(rows[0]), raw_row=one_row)
         if cached is not None:
             return _column(cached), True
-        column = model.run(rounded)
+        column = model.run_column(rounded)
         self._store(key, generation, _flat_values(column))
         return column, False
 
@@ -204,9 +188,9 @@ class PredictionCache:
         with self._lock:
             model = self._model
             if model is None:
-                raise ModelError(NO_MODEL_ERROR)
+                raise ModelUnavailableError(NO_MODEL_ERROR)
             if width != model.width:
-                raise ModelError(f"X has {width} values per row but the model takes {model.width}")
+                raise ModelError(model.width_problem(width))
             if raw_row is not None:
                 self._remember_row(raw_row, key)
             cached = self._entries.get(key)
@@ -232,19 +216,87 @@ class PredictionCache:
         self._memo_values = 0
 
     def _store(self, key: tuple[float, ...], generation: int, values: tuple[float, ...]) -> None:
-        if any(map(math.isnan, key)):
+        if _has_nan(key):
             return  # a NaN key never equals itself: it could never hit, only evict useful entries
         with self._lock:
             if generation != self._generation:
                 return  # the model changed while this was computed
-            if key not in self._entries:
-                self._entry_values += len(key)
-            self._entries[key] = values
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._capacity or self._entry_values > CACHE_VALUES:
-                evicted, _ = self._entries.popitem(last=False)  # a row wider than the budget evicts itself
-                self._entry_values -= len(evicted)
-                self._evictions += 1
+            self._insert(key, values)
+
+    def _insert(self, key: Row, values: Row | None) -> None:
+        """Make `key` the most recent entry (None: its answer is being computed) and evict past the bounds."""
+        if key not in self._entries:
+            self._entry_values += len(key)
+        self._entries[key] = values
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._capacity or self._entry_values > CACHE_VALUES:
+            evicted, _ = self._entries.popitem(last=False)  # a row wider than the budget evicts itself
+            self._entry_values -= len(evicted)
+            self._evictions += 1
+
+    @property
+    def model(self) -> ModelHandler | None:
+        """The model served now (None before the first SetCoefs)."""
+        return self._model
+
+    def predict_rows(self, keys: Sequence[Row], expected: ModelHandler) -> tuple[list[Row], int]:
+        """Each row's outputs for a batch of rounded rows laid out for the `expected` model's inputs, and
+        how many came from the cache. A model swapped in since is used if it takes the same inputs.
+
+        The rows count as if they came one after another: a hit makes its entry the most recent, a miss
+        becomes the most recent entry at once (its answer to come) and may evict, and a row repeated in
+        the batch is one miss and then hits. Only the misses are computed, in one model call.
+        """
+        with self._lock:
+            model = self._model
+            if model is None:
+                raise ModelUnavailableError(NO_MODEL_ERROR)
+            if model.inputs != expected.inputs or model.outputs != expected.outputs:
+                raise ModelUnavailableError("the model changed to one of other inputs while this request was read")
+            answers: list[Row | None] = []
+            to_compute: dict[Row, None] = {}  # the batch's misses, in order
+            hits_before = self._hits
+            for key in keys:
+                cached = self._entries.get(key)
+                if cached is not None or key in to_compute:
+                    self._hits += 1
+                    if key in self._entries:
+                        self._entries.move_to_end(key)
+                else:
+                    self._misses += 1
+                    to_compute[key] = None
+                    if not _has_nan(key):
+                        self._insert(key, None)
+                answers.append(cached)
+            if len(keys) > 1:
+                self._batched_rows += len(keys)
+            hits, generation = self._hits - hits_before, self._generation
+        computed = self._compute(model, list(to_compute), generation)
+        rows = [answer if answer is not None else computed[key] for answer, key in zip(answers, keys, strict=True)]
+        return rows, hits
+
+    def _compute(self, model: ModelHandler, keys: list[Row], generation: int) -> dict[Row, Row]:
+        """The model's answers for the batch's misses, kept in the entries that wait for them; if the model
+        fails, those entries go."""
+        computed: dict[Row, Row] = {}
+        try:
+            if keys:
+                computed = dict(zip(keys, model.run_rows(keys), strict=True))
+        finally:
+            with self._lock:
+                for key in keys:
+                    if generation != self._generation or self._entries.get(key, ()) is not None:
+                        continue  # the model changed, the entry was evicted, or another call answered it
+                    if key in computed:
+                        self._entries[key] = computed[key]  # its place in the LRU order stays
+                    else:
+                        del self._entries[key]
+                        self._entry_values -= len(key)
+        return computed
+
+
+def _has_nan(key: Row) -> bool:
+    return any(map(math.isnan, key))
 
 
 @functools.cache
@@ -418,6 +470,7 @@ class ServerConfig:
     workers: int = 4
     cache_size: int = 10
     model: Path | None = None
+    model_name: str | None = None
     input_width: int | None = None
     admin_token: str | None = None
     tls_cert: Path | None = None
@@ -474,12 +527,14 @@ def start_server(config: ServerConfig) -> RunningServer:
         interceptors=interceptors,
     )
     pb2_grpc.add_ModelServerServicer_to_server(servicer, server)
+    inference_service = _add_inference_service(server, cache, config)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, inference_service, health_service, reflection.SERVICE_NAME), server
     )
     try:
         port = _bind(server, config)
@@ -488,9 +543,24 @@ def start_server(config: ServerConfig) -> RunningServer:
             metrics.close()
         raise
     server.start()
-    for service in ("", SERVICE_NAME):
+    for service in ("", SERVICE_NAME, inference_service):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, health_servicer, servicer, cache, port, metrics)
+
+
+def _add_inference_service(server: grpc.Server, cache: PredictionCache, config: ServerConfig) -> str:
+    """The Open Inference Protocol on the same port, over the same cache; returns its service name.
+
+    Imported here: inference_server.py builds on this module."""
+    from inference_server import InferenceServicer, oip, oip_grpc
+
+    if config.model is None:
+        name, platform = config.model_name or "linear", "linear"
+    else:
+        name = config.model_name or config.model.stem
+        platform = "pytorch_export" if config.model.suffix == ".pt2" else "pytorch_libtorch"
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(cache, name, platform), server)
+    return oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
 def _metrics_server(cache: PredictionCache, servicer: ModelServer) -> MetricsServer:
@@ -640,6 +710,9 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
         "--model",
         type=Path,
         help="serve this model file (TorchScript, or a torch.export .pt2) instead of SetCoefs' linear model",
+    )
+    parser.add_argument(
+        "--model-name", help="the model's name in the Open Inference Protocol (default: linear, or the file's stem)"
     )
     parser.add_argument("--input-width", type=_positive_int, help="inputs per row, where the model file cannot tell")
     parser.add_argument(

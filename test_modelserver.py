@@ -204,7 +204,7 @@ def test_missing_stubs_are_named_with_the_command_that_makes_them(tmp_path, scri
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: the generated gRPC stubs are missing; run `make stubs` "
-        "(or `python3 -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto`)"
+        "(or `python3 -m grpc_tools.protoc -I=. --python_out=. --grpc_python_out=. modelserver.proto inference.proto`)"
     ]
 
 

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from models import ModelError, dot_float32
+from models import LinearModel, ModelError, dot_float32
 from server import CACHE_VALUES, MEMO_VALUES, PredictionCache, round_row
 from tests.fixtures import run_concurrently
 
@@ -254,6 +254,23 @@ def test_plain_python_rounding_and_dot_equal_torch_bit_for_bit(x_and_coefs):
     assert bits(tensor_cache.Predict(X)[0].item()) == bits(y)
     for _ in range(2):  # computed in plain Python, then cached
         assert bits(row_cache.predict_row(x)[0]) == bits(y)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 16).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.lists(st.one_of(float32s, edge_values), min_size=n, max_size=n), min_size=1, max_size=20),
+            st.lists(st.floats(-100, 100, width=32), min_size=n, max_size=n),
+        )
+    )
+)
+def test_a_batch_gets_each_rows_own_float32_sum_bit_for_bit(rows_and_coefs):
+    """The linear model's batch path (ModelInfer) answers every row exactly as the row path (Predict) does."""
+    rows, coefs = rows_and_coefs
+    keys = [tuple(round_row(row)) for row in rows]
+    batch = LinearModel(coefs).run_rows(keys)
+    assert [bits(y) for (y,) in batch] == [bits(dot_float32(key, coefs)) for key in keys]
 
 
 def test_remembered_keys_keep_the_sign_of_zero(cache):

@@ -45,6 +45,21 @@ def test_floor_run_reports_both_targets_and_paired_ratios():
     assert all(ratio["rps"] > 0 for ratio in report["ratios"])
 
 
+def test_batch_run_counts_rows_and_draws_the_chart(tmp_path):
+    chart = tmp_path / "rows.png"
+    result = run_bench(
+        "--batch", "8", "--mode", "hit", "--concurrency", "2", "--rounds", "2", "--duration", "0.3",
+        "--chart", str(chart), "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = {row["target"]: row for row in report["results"]}
+    assert rows["batch"]["rows_per_second"] == pytest.approx(rows["batch"]["rps"] * 8)
+    assert rows["batch"]["hit_rate"] == rows["server"]["hit_rate"] == 1.0  # the one X, from the cache
+    assert [ratio["mode"] for ratio in report["batch_ratios"]] == ["hit"]
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
 def test_tables_go_to_stdout_and_name_every_figure():
     result = run_bench("--mode", "mix", "--concurrency", "1", "--rounds", "1", "--duration", "0.3")
     assert result.returncode == 0, result.stderr

@@ -397,7 +397,7 @@ def test_a_failed_build_shows_the_builds_own_error_and_leaves_no_container(image
     shutil.copytree(ROOT, project, ignore=PROJECT_JUNK)
     dockerfile = project / "Dockerfile"
     broken_step = "RUN pip install --no-index no-such-package==0.0.0\n"
-    dockerfile.write_text(dockerfile.read_text().replace("COPY modelserver.proto .\n", broken_step, 1))
+    dockerfile.write_text(dockerfile.read_text().replace("COPY modelserver.proto inference.proto ./\n", broken_step, 1))
     result = subprocess.run(
         [sys.executable, "autograde.py", "--image", "p3-broken", "--json", str(tmp_path / "results.json")],
         capture_output=True,

@@ -36,6 +36,17 @@ class SumOnly(nn.Module):
         return X.sum(dim=1)
 
 
+class NoBatch(nn.Module):
+    input_width: int
+
+    def __init__(self):
+        super().__init__()
+        self.input_width = 3
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X.sum()
+
+
 class TwoOutputs(nn.Module):
     def __init__(self):
         super().__init__()
@@ -175,13 +186,14 @@ def start_refused(*args) -> subprocess.CompletedProcess:
         (lambda d: d / "missing.pt", (), "cannot load {path}:"),
         (lambda d: (d / "corrupt.pt").write_bytes(b"\x00garbage") and d / "corrupt.pt", (), "cannot load {path}:"),
         (
-            lambda d: save(TwoOutputs(), d / "two.pt"),
+            lambda d: save(NoBatch(), d / "nobatch.pt"),
             (),
-            "{path} returns (2, 2) for 2 rows; a served model must return one value per row",
+            "{path} returns y of shape () and type torch.float32 for 2 rows; a served model returns numbers with the"
+            " batch first",
         ),
         (lambda d: save(SumOnly(), d / "sum.pt"), (), "cannot tell the input width of {path}; pass --input-width"),
     ],
-    ids=["missing", "corrupt", "two-outputs-per-row", "unknown-width"],
+    ids=["missing", "corrupt", "no-batch-dimension", "unknown-width"],
 )
 def test_unusable_model_files_are_refused_at_start_with_one_line(tmp_path, make_model, extra, message):
     path = make_model(tmp_path)
@@ -249,3 +261,10 @@ def test_a_reload_that_changes_the_width_is_refused_with_the_widths_in_the_answe
     assert error == expected
     assert f"reload failed, the old model keeps serving: {expected}" in server.log
     assert (reply.error, reply.y) == ("", 6.0)
+
+
+def test_a_model_with_two_values_per_row_is_served_and_predict_says_to_call_model_infer(tmp_path):
+    path = save(TwoOutputs(), tmp_path / "two.pt")
+    with serve(path) as server, server.channel() as channel:
+        reply = predict(pb2_grpc.ModelServerStub(channel), 1, 2, 3)
+    assert reply.error == "this model takes X FP32 [3] and gives more than one value per row: call ModelInfer"
