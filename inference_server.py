@@ -249,9 +249,11 @@ def decode_rows(request, model: ModelHandler) -> list[Row]:
     for spec in model.inputs:
         position, tensor = by_name[spec.name]
         values = _input_values(tensor, spec, raw[position] if raw else None)
-        columns.append([tuple(values[row * spec.size : (row + 1) * spec.size]) for row in range(tensor.shape[0])])
+        columns.append(list(zip(*[iter(values)] * spec.size, strict=True)))  # consecutive values, a row each
     if len(batch_sizes) != 1:
         raise invalid(f"the inputs' first dimensions differ ({sorted(batch_sizes)}); it is the batch, the same for all")
+    if len(columns) == 1:
+        return columns[0]
     return [tuple(itertools.chain.from_iterable(parts)) for parts in zip(*columns, strict=True)]
 
 

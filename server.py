@@ -204,19 +204,20 @@ class PredictionCache:
     def _remember_row(self, raw_row: tuple[float, ...], key: tuple[float, ...]) -> None:
         if 0.0 in raw_row:
             return  # 0.0 == -0.0: a remembered row could hand back the other zero's sign
-        if len(raw_row) > MEMO_VALUES:
+        values = len(raw_row)
+        if values > MEMO_VALUES:
             return  # wider than the whole budget: not worth forgetting every other row for
-        if len(self._memo) >= MEMO_ROWS or self._memo_values + len(raw_row) > MEMO_VALUES:
+        if len(self._memo) >= MEMO_ROWS or self._memo_values + values > MEMO_VALUES:
             self._forget_rows()
         self._memo[raw_row] = key
-        self._memo_values += len(raw_row)
+        self._memo_values += values
 
     def _forget_rows(self) -> None:
         self._memo = {}  # a new dict: readers outside the lock keep the old one, and just miss
         self._memo_values = 0
 
     def _store(self, key: tuple[float, ...], generation: int, values: tuple[float, ...]) -> None:
-        if _has_nan(key):
+        if any(map(math.isnan, key)):  # the test spelled out, not _has_nan: a call costs the hot path
             return  # a NaN key never equals itself: it could never hit, only evict useful entries
         with self._lock:
             if generation != self._generation:

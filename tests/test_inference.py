@@ -275,3 +275,20 @@ def test_16_clients_never_get_a_row_from_a_model_replaced_before_their_call(line
             changer.join(30)
     assert problems == []
     assert version[0] > 1
+
+
+def test_the_example_linear_model_file_answers_as_torch_does(tmp_path):
+    path = tmp_path / "trained.pt"
+    trained = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    x = [[0.5, -1.25, 2.0], [3.0, 0.0, -0.75]]
+    expected = torch.jit.load(str(path))(torch.round(torch.tensor(x), decimals=4)).reshape(-1).tolist()
+    with start_server(["--model", str(path)]) as server:
+        meta, answer = triton(
+            server, {"call": "get_model_metadata", "model": "trained"}, infer("trained", ("X", "FP32", x))
+        )
+    assert meta["result"]["inputs"] == [{"name": "X", "datatype": "FP32", "shape": ["-1", "3"]}]
+    assert [y for (y,) in answer["result"]["outputs"]["y"]["data"]] == pytest.approx(expected, abs=1e-6)
