@@ -1,6 +1,7 @@
 """Fixtures and helpers every test module shares (loaded by conftest.py): a real server.py process, stubs."""
 
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -76,3 +77,16 @@ def certificate(tmp_path_factory):
         timeout=60,
     )
     return cert, key
+
+
+def train_example(script: str, path: Path) -> Path:
+    """Run one of examples/train_*.py to make a model file at `path`, as the README tells a user to."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return path

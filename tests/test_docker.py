@@ -19,7 +19,7 @@ import pytest
 
 import autograde
 from serverproc import free_port
-from tests.fixtures import ROOT, SHARED
+from tests.fixtures import ROOT, SHARED, train_example
 
 IMAGE = "p3"
 SANDBOX = SHARED / "tools" / "docker-sandbox"
@@ -222,14 +222,7 @@ def test_autograde_in_docker_mode_scores_100(image, tmp_path):
 def test_serves_a_model_file_mounted_into_the_container(image, tmp_path):
     models = tmp_path / "models"
     models.mkdir()
-    trained = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(models / "linear.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert trained.returncode == 0, trained.stderr
+    train_example("train_linear.py", models / "linear.pt")
     models.chmod(0o755)  # the container's user is not the owner
     name, _ = start_container(image, "-v", f"{models}:/models:ro", command=("--model", "/models/linear.pt"))
     try:

@@ -19,7 +19,7 @@ from models import dot_float32
 from server import round_row
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
-from tests.fixtures import ROOT, predict, run_concurrently
+from tests.fixtures import ROOT, predict, run_concurrently, train_example
 
 SESSION = ROOT / "tests" / "tritonclient_session.py"
 
@@ -187,13 +187,7 @@ def test_an_unknown_output_and_a_model_before_set_coefs_are_refused_clearly(line
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    path = tmp_path_factory.mktemp("classifier") / "classifier.pt2"
-    trained = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_classifier.py"), str(path)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
-    return path
+    return train_example("train_classifier.py", tmp_path_factory.mktemp("classifier") / "classifier.pt2")
 
 
 def test_the_example_classifier_is_served_with_its_own_names_and_shapes(classifier):
@@ -278,12 +272,7 @@ def test_16_clients_never_get_a_row_from_a_model_replaced_before_their_call(line
 
 
 def test_the_example_linear_model_file_answers_as_torch_does(tmp_path):
-    path = tmp_path / "trained.pt"
-    trained = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stderr
+    path = train_example("train_linear.py", tmp_path / "trained.pt")
     x = [[0.5, -1.25, 2.0], [3.0, 0.0, -0.75]]
     expected = torch.jit.load(str(path))(torch.round(torch.tensor(x), decimals=4)).reshape(-1).tolist()
     with start_server(["--model", str(path)]) as server:

@@ -12,7 +12,7 @@ from torch import nn
 
 from serverproc import start_server
 from stubs import pb2, pb2_grpc
-from tests.fixtures import ROOT, predict
+from tests.fixtures import ROOT, predict, train_example
 
 
 class Scaled(nn.Module):
@@ -63,16 +63,7 @@ def save(module: nn.Module, path):
 
 @pytest.fixture(scope="module")
 def example_model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "linear.pt"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return path
+    return train_example("train_linear.py", tmp_path_factory.mktemp("model") / "linear.pt")
 
 
 def serve(model_path, *args):
@@ -225,15 +216,7 @@ def test_client_queries_a_served_model_file_without_setting_coefficients(example
 
 
 def test_serves_and_reloads_a_torch_export_program(tmp_path):
-    path = tmp_path / "linear.pt2"
-    trained = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_linear.py"), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert trained.returncode == 0, trained.stderr
+    path = train_example("train_linear.py", tmp_path / "linear.pt2")
     expected = torch.export.load(str(path)).module()(torch.tensor([[1.0, 2.0, 3.0]])).item()
     with serve(path) as server, server.channel() as channel:
         stub = pb2_grpc.ModelServerStub(channel)
