@@ -206,11 +206,16 @@ class ModelFile(ModelHandler):
         self._module: Callable[..., object] | None = None
 
     @property
+    def format(self) -> str:
+        """ "torch.export" for a `.pt2` program, else "TorchScript"."""
+        return "torch.export" if self.path.suffix == ".pt2" else "TorchScript"
+
+    @property
     def description_path(self) -> Path:
         return self.path.with_suffix(DESCRIPTION_SUFFIX)
 
     def initialize(self) -> None:
-        load = _load_exported_program if self.path.suffix == ".pt2" else _load_torchscript
+        load = _load_exported_program if self.format == "torch.export" else _load_torchscript
         try:
             module, own_inputs = load(self.path)
         except Exception as error:  # any failure to load a user's file is reported, never raised

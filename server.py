@@ -373,7 +373,7 @@ def _answers_errors(response_type: type) -> Callable:
 
 @dataclass(frozen=True)
 class ModelStats:
-    name: str  # "linear", or the model file's stem
+    name: str  # --model-name, else "linear" or the model file's stem
     kind: str  # "linear", "torch.export" or "TorchScript"
     reloads: int
     reload_failures: int
@@ -382,9 +382,10 @@ class ModelStats:
 class ModelServer(pb2_grpc.ModelServerServicer):
     """Translates requests to the cache: repeated floats in, floats and error strings out."""
 
-    def __init__(self, cache: PredictionCache, model_file: ModelFile | None = None):
+    def __init__(self, cache: PredictionCache, model_file: ModelFile | None = None, model_name: str = "linear"):
         self._cache = cache
         self._model_file = model_file
+        self._model_name = model_name
         self._reload_lock = threading.Lock()
         self._reloads = self._reload_failures = 0
 
@@ -430,11 +431,8 @@ class ModelServer(pb2_grpc.ModelServerServicer):
 
     def model_stats(self) -> ModelStats:
         """Which model is served and how its reloads went (read without the reload lock: a scrape never waits)."""
-        model_file = self._model_file
-        if model_file is None:
-            return ModelStats("linear", "linear", 0, 0)
-        kind = "torch.export" if model_file.path.suffix == ".pt2" else "TorchScript"
-        return ModelStats(model_file.path.stem, kind, self._reloads, self._reload_failures)
+        kind = self._model_file.format if self._model_file is not None else "linear"
+        return ModelStats(self._model_name, kind, self._reloads, self._reload_failures)
 
 
 class AdminTokenInterceptor(grpc.ServerInterceptor):
@@ -508,7 +506,8 @@ def start_server(config: ServerConfig) -> RunningServer:
     """Load the model, bind, start and report SERVING; ModelError or OSError says what failed."""
     model_file = ModelFile(config.model, config.input_width) if config.model else None
     cache = PredictionCache(config.cache_size, model=model_file)
-    servicer = ModelServer(cache, model_file)
+    model_name = config.model_name or (config.model.stem if config.model else "linear")
+    servicer = ModelServer(cache, model_file, model_name)
     interceptors: list[grpc.ServerInterceptor] = []
     metrics = None
     if config.metrics_port is not None:  # first, so that a port it cannot have leaves the gRPC port unbound
@@ -528,7 +527,7 @@ def start_server(config: ServerConfig) -> RunningServer:
         interceptors=interceptors,
     )
     pb2_grpc.add_ModelServerServicer_to_server(servicer, server)
-    inference_service = _add_inference_service(server, cache, config)
+    inference_service = _add_inference_service(server, cache, servicer.model_stats())
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
     )
@@ -549,18 +548,13 @@ def start_server(config: ServerConfig) -> RunningServer:
     return RunningServer(server, health_servicer, servicer, cache, port, metrics)
 
 
-def _add_inference_service(server: grpc.Server, cache: PredictionCache, config: ServerConfig) -> str:
-    """The Open Inference Protocol on the same port, over the same cache; returns its service name.
-
-    Imported here: inference_server.py builds on this module."""
+def _add_inference_service(server: grpc.Server, cache: PredictionCache, model: ModelStats) -> str:
+    """The Open Inference Protocol on the same port, over the same cache, under the model's one name;
+    returns its service name. Imported here: inference_server.py builds on this module."""
     from inference_server import InferenceServicer, oip, oip_grpc
 
-    if config.model is None:
-        name, platform = config.model_name or "linear", "linear"
-    else:
-        name = config.model_name or config.model.stem
-        platform = "pytorch_export" if config.model.suffix == ".pt2" else "pytorch_libtorch"
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(cache, name, platform), server)
+    platform = {"linear": "linear", "torch.export": "pytorch_export", "TorchScript": "pytorch_libtorch"}[model.kind]
+    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(cache, model.name, platform), server)
     return oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 

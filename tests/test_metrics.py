@@ -184,3 +184,10 @@ def test_without_the_flag_no_metrics_are_served_or_loaded(server):
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_the_model_is_named_as_the_inference_protocol_names_it():
+    metrics_port = free_port()
+    with start_server(["--metrics-port", str(metrics_port), "--model-name", "prices"]):
+        samples = scrape(metrics_port)
+    assert samples[("modelserver_model_info", (("kind", "linear"), ("name", "prices")))] == 1
