@@ -93,12 +93,17 @@ class InferenceTally:
 class InferenceServicer(oip_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService for the one model the server serves, under its name."""
 
+    SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
     def __init__(self, cache: PredictionCache, model_name: str, platform: str):
         self._cache = cache
         self._model_name = model_name
         self._platform = platform
         self._lock = threading.Lock()
         self._tally = InferenceTally()
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(self, server)
 
     def ServerLive(self, request, context):
         return oip.ServerLiveResponse(live=True)

@@ -45,6 +45,7 @@ from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 if TYPE_CHECKING:
     import torch
 
+    from inference_server import InferenceServicer
     from metrics import MetricsServer
 
 log = logging.getLogger("modelserver")
@@ -391,12 +392,16 @@ class ModelServer(pb2_grpc.ModelServerServicer):
 
     @_answers_errors(pb2.SetCoefsResponse)
     def SetCoefs(self, request, context):
+        self._cache.set_model(self.linear_model(request.coefs))
+        return pb2.SetCoefsResponse()
+
+    def linear_model(self, coefs: Sequence[float]) -> LinearModel:
+        """The model SetCoefs would serve; ModelError says why there is none (bad coefs, or a model file)."""
         if self._model_file is not None:
             raise ModelError(
                 f"this server serves the model file {self._model_file.path}; SetCoefs changes nothing here"
             )
-        self._cache.set_model(LinearModel(request.coefs))
-        return pb2.SetCoefsResponse()
+        return LinearModel(coefs)
 
     @_answers_errors(pb2.PredictResponse)
     def Predict(self, request, context):
@@ -416,10 +421,9 @@ class ModelServer(pb2_grpc.ModelServerServicer):
 
     def reload(self) -> None:
         """Load the model file anew; on failure the old model keeps serving and ModelError says why."""
-        if self._model_file is None:
-            raise ModelError("no model file is served (start the server with --model PATH)")
+        model_file = self.model_file()
         with self._reload_lock:
-            fresh = ModelFile(self._model_file.path, width=self._model_file.width)  # clients send this width
+            fresh = ModelFile(model_file.path, width=model_file.width)  # clients send this width
             try:
                 self._cache.set_model(fresh)
             except ModelError:
@@ -428,6 +432,12 @@ class ModelServer(pb2_grpc.ModelServerServicer):
             self._model_file = fresh
             self._reloads += 1
         log.info("reloaded %s", fresh.path)
+
+    def model_file(self) -> ModelFile:
+        """The model file served; ModelError if the server serves SetCoefs' linear model instead."""
+        if self._model_file is None:
+            raise ModelError("no model file is served (start the server with --model PATH)")
+        return self._model_file
 
     def model_stats(self) -> ModelStats:
         """Which model is served and how its reloads went (read without the reload lock: a scrape never waits)."""
@@ -504,10 +514,7 @@ class RunningServer:
 
 def start_server(config: ServerConfig) -> RunningServer:
     """Load the model, bind, start and report SERVING; ModelError or OSError says what failed."""
-    model_file = ModelFile(config.model, config.input_width) if config.model else None
-    cache = PredictionCache(config.cache_size, model=model_file)
-    model_name = config.model_name or (config.model.stem if config.model else "linear")
-    servicer = ModelServer(cache, model_file, model_name)
+    cache, servicer = build_servicer(config)
     interceptors: list[grpc.ServerInterceptor] = []
     metrics = None
     if config.metrics_port is not None:  # first, so that a port it cannot have leaves the gRPC port unbound
@@ -527,14 +534,15 @@ def start_server(config: ServerConfig) -> RunningServer:
         interceptors=interceptors,
     )
     pb2_grpc.add_ModelServerServicer_to_server(servicer, server)
-    inference_service = _add_inference_service(server, cache, servicer.model_stats())
+    inference = inference_servicer(cache, servicer.model_stats())
+    inference.add_to_server(server)
     health_servicer = health.HealthServicer(
         experimental_non_blocking=True, experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1)
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection(
-        (SERVICE_NAME, inference_service, health_service, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, inference.SERVICE_NAME, health_service, reflection.SERVICE_NAME), server
     )
     try:
         port = _bind(server, config)
@@ -543,19 +551,27 @@ def start_server(config: ServerConfig) -> RunningServer:
             metrics.close()
         raise
     server.start()
-    for service in ("", SERVICE_NAME, inference_service):
+    for service in ("", SERVICE_NAME, inference.SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, health_servicer, servicer, cache, port, metrics)
 
 
-def _add_inference_service(server: grpc.Server, cache: PredictionCache, model: ModelStats) -> str:
-    """The Open Inference Protocol on the same port, over the same cache, under the model's one name;
-    returns its service name. Imported here: inference_server.py builds on this module."""
-    from inference_server import InferenceServicer, oip, oip_grpc
+def build_servicer(config: ServerConfig) -> tuple[PredictionCache, ModelServer]:
+    """The cache with its model, and the ModelServer servicer over it: one server's state, with or without
+    a gRPC server of its own (a Ray Serve replica has none)."""
+    model_file = ModelFile(config.model, config.input_width) if config.model else None
+    cache = PredictionCache(config.cache_size, model=model_file)
+    model_name = config.model_name or (config.model.stem if config.model else "linear")
+    return cache, ModelServer(cache, model_file, model_name)
+
+
+def inference_servicer(cache: PredictionCache, model: ModelStats) -> InferenceServicer:
+    """The Open Inference Protocol over the same cache, under the model's one name.
+    Imported here: inference_server.py builds on this module."""
+    from inference_server import InferenceServicer
 
     platform = {"linear": "linear", "torch.export": "pytorch_export", "TorchScript": "pytorch_libtorch"}[model.kind]
-    oip_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(cache, model.name, platform), server)
-    return oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    return InferenceServicer(cache, model.name, platform)
 
 
 def _metrics_server(cache: PredictionCache, servicer: ModelServer) -> MetricsServer:
