@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
+from models import affinity_key
 from stubs import ADMIN_TOKEN_ENV, NO_MODEL_ERROR, join_address, pb2, pb2_grpc
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -157,7 +158,23 @@ class Run:
         return reply
 
     def _call(self, row: Row) -> pb2.PredictResponse:
-        return self.stub.Predict(pb2.PredictRequest(X=row.values), timeout=self.args.timeout, wait_for_ready=True)
+        return self.stub.Predict(
+            pb2.PredictRequest(X=row.values),
+            timeout=self.args.timeout,
+            wait_for_ready=True,
+            metadata=routing_metadata(self.args, row.values),
+        )
+
+
+def routing_metadata(args: argparse.Namespace, X: Sequence[float] | None = None) -> tuple[tuple[str, str], ...] | None:
+    """What Ray Serve's proxy routes by: the application, and with --affinity the row's cache key as the
+    session, so that each key always reaches the one replica that caches it. None for a plain server."""
+    metadata = []
+    if args.application:
+        metadata.append(("application", args.application))
+    if args.affinity and X is not None:
+        metadata.append(("session_id", affinity_key(X)))
+    return tuple(metadata) or None
 
 
 def predict_file(run: Run, tally: Tally) -> None:
@@ -230,7 +247,8 @@ def open_channel(args: argparse.Namespace, tls_ca: bytes | None) -> grpc.Channel
 
 def set_coefs(stub: pb2_grpc.ModelServerStub, coefs: list[float], args: argparse.Namespace) -> str:
     """SetCoefs; returns "" or the one line that ends the run."""
-    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
+    metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    metadata += routing_metadata(args) or ()
     try:
         reply = stub.SetCoefs(
             pb2.SetCoefsRequest(coefs=coefs), timeout=args.timeout, wait_for_ready=True, metadata=metadata
@@ -305,6 +323,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"admin token for SetCoefs (default ${ADMIN_TOKEN_ENV})",
     )
     parser.add_argument("--tls-ca", type=Path, help="PEM certificate of the CA that signed the server's certificate")
+    parser.add_argument(
+        "--application", help="the Ray Serve application to call through its gRPC proxy (needed when it runs several)"
+    )
+    parser.add_argument(
+        "--affinity",
+        action="store_true",
+        help="send each row's cache key as Ray Serve's session_id, so one replica caches each row",
+    )
     parser.add_argument(
         "--progress-every",
         type=float,

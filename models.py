@@ -6,6 +6,7 @@ over gRPC runs in plain Python, and importing torch takes about 1.5 s of a serve
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -56,6 +57,14 @@ def round_row(row: Sequence[float]) -> list[float]:
     except (OverflowError, ValueError):  # inf or NaN in the row: the slower, general path
         rounded = [_round_half_even(s) / SCALE for s in scaled]
     return array("f", rounded).tolist()
+
+
+def affinity_key(row: Sequence[float]) -> str:
+    """A short name of the row's cache key, its rounded float32 values: rows with one cache entry have one
+    name. A router that hashes it (Ray Serve's consistent-hash router, as `session_id`) sends each cache
+    key to one replica. -0.0 is named as 0.0, which it equals as a key."""
+    rounded = array("f", [value + 0.0 for value in round_row(row)])
+    return hashlib.blake2b(rounded.tobytes(), digest_size=8).hexdigest()
 
 
 def dot_float32(row: Sequence[float], coefs: Sequence[float]) -> float:

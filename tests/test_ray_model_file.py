@@ -1,0 +1,83 @@
+"""A model file on the Ray Serve fleet: ReloadModel reaches every replica before it returns, like SetCoefs,
+and a file that would not load is refused with the old model serving everywhere."""
+
+import random
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import torch
+from torch import nn
+
+from stubs import pb2
+from tests.fixtures import run_concurrently
+from tests.ray_fleet import CALL_TIMEOUT, REPLICAS, predict, running_fleet
+
+
+class Scaled(nn.Module):
+    """y = k * sum(X): every answer tells which file it came from."""
+
+    input_width: int
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.input_width = 3
+        self.k = k
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return X.sum(dim=1, keepdim=True) * self.k
+
+
+def write_model(path: Path, k: float) -> None:
+    """Replace the file at once, as a deploy would: a replica never reads half a file."""
+    staged = path.with_suffix(".staged")
+    torch.jit.script(Scaled(k)).save(str(staged))
+    staged.replace(path)
+
+
+def test_reload_is_in_force_on_every_replica_once_it_returns(tmp_path):
+    model = tmp_path / "scaled.pt"
+    write_model(model, 1.0)
+    with running_fleet(["--model", str(model)]) as fleet:
+        in_force = [1.0]
+        stale, errors = [], []
+        done = threading.Event()
+
+        def keep_reloading():
+            try:
+                for k in (2.0, 3.0, 4.0, 5.0):
+                    write_model(model, k)
+                    assert fleet.stub.ReloadModel(pb2.ReloadModelRequest(), timeout=CALL_TIMEOUT).error == ""
+                    in_force.append(k)
+            finally:
+                done.set()
+
+        def keep_predicting(seed: int):
+            rows = random.Random(seed)
+            deadline = time.monotonic() + 120
+            while not done.is_set() and time.monotonic() < deadline:
+                floor = in_force[-1]
+                X = [1.0, float(rows.randrange(4)), 0.0]
+                try:
+                    reply, _ = predict(fleet, X, affinity=seed % 2 == 0)
+                except grpc.RpcError as error:
+                    errors.append(f"{error.code().name}: {error.details()}")
+                    continue
+                if reply.error:
+                    errors.append(reply.error)
+                elif reply.y < floor * sum(X):
+                    stale.append((floor, X, reply.y))
+
+        run_concurrently([keep_reloading, *(lambda seed=seed: keep_predicting(seed) for seed in range(8))], 180)
+        assert in_force[-1] == 5.0
+        assert errors == []
+        assert stale == []
+
+        model.write_bytes(b"not a model")
+        assert fleet.stub.ReloadModel(pb2.ReloadModelRequest(), timeout=CALL_TIMEOUT).error
+        answers = [predict(fleet, [1.0, float(i), 0.0]) for i in range(40)]
+        assert len({replica for _, replica in answers}) == REPLICAS
+        assert [reply.y for reply, _ in answers] == [5.0 * (1 + i) for i in range(40)]
+        refused = fleet.stub.SetCoefs(pb2.SetCoefsRequest(coefs=[1, 2, 3]), timeout=CALL_TIMEOUT).error
+        assert "serves the model file" in refused
