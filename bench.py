@@ -4,6 +4,7 @@
     python3 bench.py --mode miss --concurrency 16   one mode, one level
     python3 bench.py --port 5440                    an already running server (no CPU figures)
     python3 bench.py --floor --instructions         also instructions per request under valgrind (minutes)
+    python3 bench.py --ray 2 --concurrency 1,16     also 2 replicas behind Ray Serve's gRPC proxy (Ray installed)
 
 N concurrent callers on one grpc.aio channel call Predict for a fixed time; per level it reports requests
 per second, p50/p90/p99 latency, the hit rate, and the server's CPU time per request (read from
@@ -39,7 +40,7 @@ from pathlib import Path
 import grpc
 from tqdm import tqdm
 
-from serverproc import SERVER_PY, ServerProcess, free_port, start_server, wait_until_serving
+from serverproc import SERVER_PY, FleetProcess, ServerProcess, free_port, start_server, wait_until_serving
 from stubs import join_address, pb2, pb2_grpc
 
 BENCH_PY = Path(__file__).resolve()
@@ -349,7 +350,7 @@ class Target:
     name: str
     address: str
     pid: int | None
-    process: ServerProcess | None
+    process: ServerProcess | FleetProcess | None
     rows_per_call: int = 1
 
 
@@ -364,6 +365,9 @@ def start_targets(args: argparse.Namespace) -> list[Target]:
     if args.floor:
         floor = start_server(["--serve-floor"], script=BENCH_PY)
         targets.insert(0, Target("floor", floor.address, floor.process.pid, floor))
+    if args.ray:  # the same code as replicas behind Ray Serve's gRPC proxy, on the same machine
+        fleet = FleetProcess(args.ray)
+        targets.append(Target("ray", fleet.address, None, fleet))
     return targets
 
 
@@ -376,12 +380,25 @@ def set_coefs(address: str, credentials) -> None:
         raise SystemExit(f"error: SetCoefs: {reply.error}")
 
 
+def setcoefs_milliseconds(address: str, times: int = 10) -> dict[str, float]:
+    """How long SetCoefs takes to return, idle: on a fleet, until every replica serves the coefficients."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb2_grpc.ModelServerStub(channel)
+        took = []
+        for _ in range(times):
+            started = time.perf_counter()
+            stub.SetCoefs(pb2.SetCoefsRequest(coefs=COEFS), timeout=60)
+            took.append((time.perf_counter() - started) * 1e3)
+    return {"p50": statistics.median(took), "max": max(took)}
+
+
 def run(args: argparse.Namespace) -> dict:
     credentials = grpc.ssl_channel_credentials(args.tls_ca.read_bytes()) if args.tls_ca else None
     targets = start_targets(args)
     try:
         for target in targets:
             set_coefs(target.address, credentials)
+        setcoefs_ms = {target.name: setcoefs_milliseconds(target.address) for target in targets if args.ray}
         plan = [
             (mode, level, target)
             for mode in args.modes
@@ -409,7 +426,11 @@ def run(args: argparse.Namespace) -> dict:
     results = [{"mode": mode, **asdict(median_round(rounds))} for (mode, _, _), rounds in measured.items()]
     report = {"machine": machine(), "duration_s": args.duration, "rounds": args.rounds, "results": results}
     if args.floor:
-        report["ratios"] = ratios(measured)
+        report["ratios"] = ratios(measured, "server", "floor")
+    if args.ray:
+        report["ray_replicas"] = args.ray
+        report["ray_ratios"] = ratios(measured, "ray", "server")
+        report["setcoefs_ms"] = setcoefs_ms
     if args.batch:
         report["batch_rows"] = args.batch
         report["batch_ratios"] = [
@@ -431,20 +452,20 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-def ratios(measured: dict[tuple, list[Round]]) -> list[dict]:
-    """server / floor for each figure, per mode and level: the median over pairs of rounds run side by side,
-    which cancels the drift a shared machine shows from one minute to the next."""
+def ratios(measured: dict[tuple, list[Round]], subject: str, baseline: str) -> list[dict]:
+    """subject / baseline for each figure, per mode and level: the median over pairs of rounds run side by
+    side, which cancels the drift a shared machine shows from one minute to the next."""
     figures = ("rps", "p50_us", "p99_us", "cpu_us_per_request")
     out = []
-    for (mode, level, target), server_rounds in measured.items():
-        floor_rounds = measured.get((mode, level, "floor"))
-        if target != "server" or not floor_rounds:
+    for (mode, level, target), subject_rounds in measured.items():
+        baseline_rounds = measured.get((mode, level, baseline))
+        if target != subject or not baseline_rounds:
             continue
         out.append(
             {
                 "mode": mode,
                 "concurrency": level,
-                **{name: paired_ratio(server_rounds, floor_rounds, name) for name in figures},
+                **{name: paired_ratio(subject_rounds, baseline_rounds, name) for name in figures},
             }
         )
     return out
@@ -492,14 +513,16 @@ def print_tables(report: dict) -> None:
             f"{r['p90_us']:>8.0f} {r['p99_us']:>8.0f} {r['hit_rate']:>5.2f} {cpu:>10}"
         )
     if "ratios" in report:
-        print("\nserver / floor")
-        print(f"{'mode':<5} {'clients':>7} {'rps':>6} {'p50':>6} {'p99':>6} {'cpu/req':>8}")
-        for r in report["ratios"]:
-            cells = [
-                f"{r[name]:.2f}" if r[name] is not None else "-"
-                for name in ("rps", "p50_us", "p99_us", "cpu_us_per_request")
-            ]
-            print(f"{r['mode']:<5} {r['concurrency']:>7} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>8}")
+        print_ratios("server / floor", report["ratios"])
+    if "ray_ratios" in report:
+        print_ratios(f"Ray Serve proxy, {report['ray_replicas']} replicas / direct server", report["ray_ratios"])
+        print(
+            "\nSetCoefs until it returns, idle (ms): "
+            + ", ".join(
+                f"{target} p50 {took['p50']:.1f} max {took['max']:.1f}"
+                for target, took in report["setcoefs_ms"].items()
+            )
+        )
     if "batch_ratios" in report:
         print(f"\nrows per second, ModelInfer of {report['batch_rows']} rows / unary Predict (paired rounds)")
         for r in report["batch_ratios"]:
@@ -520,6 +543,15 @@ def print_tables(report: dict) -> None:
             )
 
 
+def print_ratios(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'mode':<5} {'clients':>7} {'rps':>6} {'p50':>6} {'p99':>6} {'cpu/req':>8}")
+    for r in rows:
+        figures = ("rps", "p50_us", "p99_us", "cpu_us_per_request")
+        cells = [f"{r[name]:.2f}" if r[name] is not None else "-" for name in figures]
+        print(f"{r['mode']:<5} {r['concurrency']:>7} {cells[0]:>6} {cells[1]:>6} {cells[2]:>6} {cells[3]:>8}")
+
+
 def draw_chart(report: dict, path: Path) -> None:
     """Rows per second against clients: unary Predict and batched ModelInfer per mode, beside the floor."""
     import matplotlib
@@ -534,6 +566,7 @@ def draw_chart(report: dict, path: Path) -> None:
             "floor": "floor (unary, constant answer)",
             "server": "unary Predict",
             "batch": f"ModelInfer, {report.get('batch_rows')} rows a call",
+            "ray": f"unary Predict, Ray Serve proxy, {report.get('ray_replicas')} replicas",
         }[r["target"]]
         lines.setdefault(f"{label}, {r['mode']}", []).append((r["concurrency"], r["rows_per_second"]))
     for label, points in sorted(lines.items()):
@@ -587,6 +620,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--batch", type=int, metavar="ROWS", help="also send ModelInfer calls of ROWS rows to the server, alternately"
     )
+    parser.add_argument(
+        "--ray",
+        type=int,
+        metavar="REPLICAS",
+        help="also drive REPLICAS replicas behind Ray Serve's gRPC proxy, alternately (needs make setup-ray)",
+    )
     parser.add_argument("--chart", type=Path, help="draw rows per second against clients into this PNG")
     parser.add_argument("--tls-ca", type=Path, help="CA certificate for a TLS server given by --port")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of tables")
@@ -598,6 +637,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--floor and --instructions start their own servers; leave out --port")
     if args.instructions and not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         parser.error("--instructions needs valgrind on the PATH (Debian/Ubuntu: apt install valgrind)")
+    if args.ray is not None and args.ray < 1:
+        parser.error(f"--ray needs at least 1 replica, got {args.ray}")
     if args.tls_ca and not args.port:
         parser.error("--tls-ca is for a running TLS server given by --port (the servers bench.py starts are plaintext)")
     return args

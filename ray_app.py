@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -36,8 +37,16 @@ from ray.serve import Deployment
 from ray.serve.schema import ServeDeploySchema
 
 from models import ModelError, ModelFile
-from server import SERVICE_NAME, ServerConfig, build_servicer, inference_servicer
-from stubs import pb2
+from server import (
+    SERVICE_NAME,
+    TOKEN_NEEDED,
+    ServerConfig,
+    build_servicer,
+    carries_token,
+    inference_servicer,
+    token_problem,
+)
+from stubs import ADMIN_TOKEN_ENV, pb2
 
 log = logging.getLogger("ray.serve")
 
@@ -156,6 +165,7 @@ class ModelServerReplica:
         self._cache, self._servicer = build_servicer(config)
         self._inference = inference_servicer(self._cache, self._servicer.model_stats())
         self._coordinator = coordinator
+        self._admin_token = _admin_token()
         self._name = serve.get_replica_context().replica_id.unique_id
         self._trailer = [("replica", self._name)]
 
@@ -169,6 +179,8 @@ class ModelServerReplica:
             self._servicer.reload()
 
     async def SetCoefs(self, request, grpc_context):
+        if self._refuses(grpc_context):
+            return ABORTED
         try:
             self._servicer.linear_model(request.coefs)  # bad coefs are refused here, before the fleet hears of them
         except ModelError as error:
@@ -176,11 +188,21 @@ class ModelServerReplica:
         return pb2.SetCoefsResponse(error=await self._publish({"coefs": list(request.coefs)}))
 
     async def ReloadModel(self, request, grpc_context):
+        if self._refuses(grpc_context):
+            return ABORTED
         try:
             await asyncio.to_thread(self._check_model_file_loads)
         except ModelError as error:
             return pb2.ReloadModelResponse(error=str(error))
         return pb2.ReloadModelResponse(error=await self._publish({}))
+
+    def _refuses(self, grpc_context) -> bool:
+        """A change without the admin token, where one is set, is PERMISSION_DENIED, as on a single server."""
+        if self._admin_token is None or carries_token(grpc_context.invocation_metadata(), self._admin_token):
+            return False
+        grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+        grpc_context.set_details(TOKEN_NEEDED)
+        return True
 
     def _check_model_file_loads(self) -> None:
         """A reload that would fail on every replica is refused before any replica tries it."""
@@ -241,6 +263,17 @@ class ModelServerReplica:
             return rpc(request, AbortingContext(grpc_context))
         except _AbortedError:
             return ABORTED
+
+
+def _admin_token() -> bytes | None:
+    """The admin token from the replica's environment (Ray's processes inherit `ray start`'s), as server.py
+    reads it; a token that cannot travel in metadata stops the replica from starting, with the reason."""
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    if token is None:
+        return None
+    if problem := token_problem(token):
+        raise ValueError(f"${ADMIN_TOKEN_ENV} {problem}")
+    return token.encode()
 
 
 def _unknown_service(request, context):

@@ -52,6 +52,7 @@ log = logging.getLogger("modelserver")
 
 SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ModelServer"].full_name
 ADMIN_METHODS = frozenset({f"/{SERVICE_NAME}/SetCoefs", f"/{SERVICE_NAME}/ReloadModel"})
+TOKEN_NEEDED = "this call needs the admin token: send the metadata 'authorization: Bearer <token>'"
 HANDLED_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 MAX_MESSAGE_MB = 2047  # gRPC counts message sizes in a signed 32-bit int
 # The cache's keys hold at most this many values in all (about 32 B each as Python floats): 128 MiB at
@@ -453,23 +454,22 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
         self._refusal: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(self._refuse)
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method in ADMIN_METHODS and not self._authorized(handler_call_details):
+        metadata = handler_call_details.invocation_metadata or ()
+        if handler_call_details.method in ADMIN_METHODS and not carries_token(metadata, self._expected):
             return self._refusal
         return continuation(handler_call_details)
 
-    def _authorized(self, handler_call_details) -> bool:
-        """The scheme is matched case-insensitively, as HTTP does; the token exactly, in constant time."""
-        metadata = handler_call_details.invocation_metadata or ()
-        supplied = str(next((value for key, value in metadata if key == "authorization"), ""))
-        scheme, _, token = supplied.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._expected)
-
     @staticmethod
     def _refuse(request, context):
-        context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            "this call needs the admin token: send the metadata 'authorization: Bearer <token>'",
-        )
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, TOKEN_NEEDED)
+
+
+def carries_token(metadata: Sequence[tuple[str, str | bytes]], expected: bytes) -> bool:
+    """Whether the call's metadata has `authorization: Bearer <expected>`. The scheme is matched
+    case-insensitively, as HTTP does; the token exactly, in constant time."""
+    supplied = str(next((value for key, value in metadata if key == "authorization"), ""))
+    scheme, _, token = supplied.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected)
 
 
 @dataclass
@@ -682,7 +682,7 @@ def _grace(text: str) -> float:
     return value
 
 
-def _token_problem(token: str) -> str | None:
+def token_problem(token: str) -> str | None:
     """Why a token cannot serve as the admin token, or None: it must travel in gRPC metadata unchanged."""
     if not token:
         return "is empty (leave it unset to let anyone call SetCoefs)"
@@ -692,7 +692,7 @@ def _token_problem(token: str) -> str | None:
 
 
 def _admin_token(text: str) -> str:
-    if problem := _token_problem(text):
+    if problem := token_problem(text):
         raise argparse.ArgumentTypeError(problem)
     return text
 
@@ -754,7 +754,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("TLS needs both --tls-cert and --tls-key")
     if args.admin_token is None and ADMIN_TOKEN_ENV in os.environ:
-        if problem := _token_problem(os.environ[ADMIN_TOKEN_ENV]):
+        if problem := token_problem(os.environ[ADMIN_TOKEN_ENV]):
             parser.error(f"${ADMIN_TOKEN_ENV} {problem}")
         args.admin_token = os.environ[ADMIN_TOKEN_ENV]
     return ServerConfig(**vars(args))

@@ -1,4 +1,5 @@
-"""Run server.py as a child process on loopback and wait until its health service says SERVING.
+"""Run server.py as a child process on loopback and wait until its health service says SERVING, or a
+Ray Serve fleet of it with deploy/ray/fleet.py.
 
 Used by the tests, `autograde.py --local` and `bench.py`, which all need a real server to talk to.
 """
@@ -6,10 +7,12 @@ Used by the tests, `autograde.py --local` and `bench.py`, which all need a real 
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -19,6 +22,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVER_PY = Path(__file__).resolve().parent / "server.py"
+FLEET_PY = SERVER_PY.parent / "deploy" / "ray" / "fleet.py"
+FLEET_START_TIMEOUT = 300  # seconds: Ray, Serve, its proxies and the replicas on 2 busy cores
 READY_LINE = re.compile(r"ready: serving on \S*:(\d+)")
 
 
@@ -131,3 +136,39 @@ def start_server(
         server.stop(signal.SIGKILL)
         raise
     return server
+
+
+class FleetProcess:
+    """A local Ray Serve fleet started by `fleet.py up` on free ports and a Ray folder of its own, as
+    `make serve-ray` starts one; `stop()` runs `fleet.py down`, which stops every Ray process here."""
+
+    def __init__(self, replicas: int, options: Sequence[str] = (), env: dict | None = None):
+        self.port = free_port()
+        self._temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+        up = [sys.executable, str(FLEET_PY), "up", f"--replicas={replicas}", f"--grpc-port={self.port}"]
+        up += [f"--http-port={free_port()}", f"--gcs-port={free_port()}", f"--temp-dir={self._temp_dir}", *options]
+        try:
+            started = subprocess.run(
+                up, capture_output=True, text=True, timeout=FLEET_START_TIMEOUT, check=False, env=env
+            )
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        if started.returncode != 0:
+            self.stop()
+            raise RuntimeError(f"fleet.py up failed:\n{started.stderr[-3000:]}")
+        self.ready_line = started.stdout.strip().splitlines()[-1]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        subprocess.run([sys.executable, str(FLEET_PY), "down"], capture_output=True, timeout=120, check=False)
+        shutil.rmtree(self._temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> FleetProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

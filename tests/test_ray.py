@@ -127,6 +127,16 @@ def test_no_answer_from_replaced_coefficients_while_setcoefs_keeps_changing_them
     assert all(reply.y == 9 for reply in (predict(fleet, [1, a, 0])[0] for a in range(20)))
 
 
+def test_of_two_racing_setcoefs_one_is_in_force_everywhere(fleet):
+    rows = [[1.0, float(i), 0.0] for i in range(40)]
+    for a, b in ((11, 12), (13, 14), (15, 16)):
+        run_concurrently([lambda k=k: set_coefs(fleet, [k, 0, 0]) for k in (a, b)], 120)
+        answers = [predict(fleet, row) for row in rows]
+        assert len({replica for _, replica in answers}) == REPLICAS
+        assert len({reply.y for reply, _ in answers}) == 1
+        assert answers[0][0].y in (a, b)
+
+
 def test_a_replica_killed_after_setcoefs_comes_back_with_the_new_coefficients(fleet):
     rows = [[1.0, float(i), 0.0] for i in range(40)]
     before = set(replicas_of(fleet, rows).values())

@@ -1,18 +1,24 @@
-"""A model file on the Ray Serve fleet: ReloadModel reaches every replica before it returns, like SetCoefs,
-and a file that would not load is refused with the old model serving everywhere."""
+"""A model file on the Ray Serve fleet with an admin token: ReloadModel reaches every replica before it
+returns, like SetCoefs; a file that would not load is refused with the old model serving everywhere; the
+token guards the changes as on a single server."""
 
+import os
 import random
 import threading
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 import torch
 from torch import nn
 
 from stubs import pb2
 from tests.fixtures import run_concurrently
 from tests.ray_fleet import CALL_TIMEOUT, REPLICAS, predict, running_fleet
+
+TOKEN = "fleet-s3cret"
+AUTHORIZED = (("authorization", f"Bearer {TOKEN}"),)
 
 
 class Scaled(nn.Module):
@@ -39,7 +45,7 @@ def write_model(path: Path, k: float) -> None:
 def test_reload_is_in_force_on_every_replica_once_it_returns(tmp_path):
     model = tmp_path / "scaled.pt"
     write_model(model, 1.0)
-    with running_fleet(["--model", str(model)]) as fleet:
+    with running_fleet(["--model", str(model)], env={**os.environ, "MODELSERVER_ADMIN_TOKEN": TOKEN}) as fleet:
         in_force = [1.0]
         stale, errors = [], []
         done = threading.Event()
@@ -48,7 +54,8 @@ def test_reload_is_in_force_on_every_replica_once_it_returns(tmp_path):
             try:
                 for k in (2.0, 3.0, 4.0, 5.0):
                     write_model(model, k)
-                    assert fleet.stub.ReloadModel(pb2.ReloadModelRequest(), timeout=CALL_TIMEOUT).error == ""
+                    reply = fleet.stub.ReloadModel(pb2.ReloadModelRequest(), metadata=AUTHORIZED, timeout=CALL_TIMEOUT)
+                    assert reply.error == ""
                     in_force.append(k)
             finally:
                 done.set()
@@ -75,9 +82,17 @@ def test_reload_is_in_force_on_every_replica_once_it_returns(tmp_path):
         assert stale == []
 
         model.write_bytes(b"not a model")
-        assert fleet.stub.ReloadModel(pb2.ReloadModelRequest(), timeout=CALL_TIMEOUT).error
+        assert fleet.stub.ReloadModel(pb2.ReloadModelRequest(), metadata=AUTHORIZED, timeout=CALL_TIMEOUT).error
         answers = [predict(fleet, [1.0, float(i), 0.0]) for i in range(40)]
         assert len({replica for _, replica in answers}) == REPLICAS
         assert [reply.y for reply, _ in answers] == [5.0 * (1 + i) for i in range(40)]
-        refused = fleet.stub.SetCoefs(pb2.SetCoefsRequest(coefs=[1, 2, 3]), timeout=CALL_TIMEOUT).error
-        assert "serves the model file" in refused
+
+        refused = fleet.stub.SetCoefs(pb2.SetCoefsRequest(coefs=[1, 2, 3]), metadata=AUTHORIZED, timeout=CALL_TIMEOUT)
+        assert "serves the model file" in refused.error
+        for change in (
+            fleet.stub.SetCoefs.future(pb2.SetCoefsRequest(coefs=[1, 2, 3])),
+            fleet.stub.ReloadModel.future(pb2.ReloadModelRequest()),
+        ):
+            with pytest.raises(grpc.RpcError) as without_token:
+                change.result(timeout=CALL_TIMEOUT)
+            assert without_token.value.code() == grpc.StatusCode.PERMISSION_DENIED
