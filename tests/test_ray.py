@@ -2,6 +2,7 @@
 deploy/ray/fleet.py as `make serve-ray` starts it, called over gRPC as users call it."""
 
 import csv
+import functools
 import itertools
 import os
 import random
@@ -130,7 +131,7 @@ def test_no_answer_from_replaced_coefficients_while_setcoefs_keeps_changing_them
 def test_of_two_racing_setcoefs_one_is_in_force_everywhere(fleet):
     rows = [[1.0, float(i), 0.0] for i in range(40)]
     for a, b in ((11, 12), (13, 14), (15, 16)):
-        run_concurrently([lambda k=k: set_coefs(fleet, [k, 0, 0]) for k in (a, b)], 120)
+        run_concurrently([functools.partial(set_coefs, fleet, [k, 0, 0]) for k in (a, b)], 120)
         answers = [predict(fleet, row) for row in rows]
         assert len({replica for _, replica in answers}) == REPLICAS
         assert len({reply.y for reply, _ in answers}) == 1
