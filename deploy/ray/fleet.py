@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if find_spec("ray") is None:
+        sys.exit("error: Ray Serve is not installed in this Python: make setup-ray (requirements-ray.txt)")
     os.environ.update(LOCAL_ONLY)
     sys.path.insert(0, str(PROJECT))
     if args.command == "up":
