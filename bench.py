@@ -371,18 +371,21 @@ def start_targets(args: argparse.Namespace) -> list[Target]:
     return targets
 
 
+def open_channel(address: str, credentials) -> grpc.Channel:
+    return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+
+
 def set_coefs(address: str, credentials) -> None:
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
-    with channel:
+    with open_channel(address, credentials) as channel:
         wait_until_serving(channel, timeout=30)
         reply = pb2_grpc.ModelServerStub(channel).SetCoefs(pb2.SetCoefsRequest(coefs=COEFS), timeout=10)
     if reply.error:
         raise SystemExit(f"error: SetCoefs: {reply.error}")
 
 
-def setcoefs_milliseconds(address: str, times: int = 10) -> dict[str, float]:
+def setcoefs_milliseconds(address: str, credentials, times: int = 10) -> dict[str, float]:
     """How long SetCoefs takes to return, idle: on a fleet, until every replica serves the coefficients."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, credentials) as channel:
         stub = pb2_grpc.ModelServerStub(channel)
         took = []
         for _ in range(times):
@@ -398,7 +401,9 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for target in targets:
             set_coefs(target.address, credentials)
-        setcoefs_ms = {target.name: setcoefs_milliseconds(target.address) for target in targets if args.ray}
+        setcoefs_ms = {
+            target.name: setcoefs_milliseconds(target.address, credentials) for target in targets if args.ray
+        }
         plan = [
             (mode, level, target)
             for mode in args.modes

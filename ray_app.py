@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 import ray
@@ -36,7 +36,7 @@ from ray import serve
 from ray.serve import Deployment
 from ray.serve.schema import ServeDeploySchema
 
-from models import ModelError, ModelFile
+from models import ModelError
 from server import (
     SERVICE_NAME,
     TOKEN_NEEDED,
@@ -73,7 +73,7 @@ class AbortingContext:
     def __init__(self, ray_context: Any):
         self._ray_context = ray_context
 
-    def abort(self, code: Any, details: str) -> None:
+    def abort(self, code: Any, details: str) -> NoReturn:
         self._ray_context.set_code(code)
         self._ray_context.set_details(details)
         raise _AbortedError
@@ -206,8 +206,7 @@ class ModelServerReplica:
 
     def _check_model_file_loads(self) -> None:
         """A reload that would fail on every replica is refused before any replica tries it."""
-        served = self._servicer.model_file()
-        candidate = ModelFile(served.path, width=served.width)
+        candidate = self._servicer.fresh_model_file()
         candidate.initialize()
         candidate.cleanup()
 

@@ -422,9 +422,8 @@ class ModelServer(pb2_grpc.ModelServerServicer):
 
     def reload(self) -> None:
         """Load the model file anew; on failure the old model keeps serving and ModelError says why."""
-        model_file = self.model_file()
         with self._reload_lock:
-            fresh = ModelFile(model_file.path, width=model_file.width)  # clients send this width
+            fresh = self.fresh_model_file()
             try:
                 self._cache.set_model(fresh)
             except ModelError:
@@ -434,11 +433,12 @@ class ModelServer(pb2_grpc.ModelServerServicer):
             self._reloads += 1
         log.info("reloaded %s", fresh.path)
 
-    def model_file(self) -> ModelFile:
-        """The model file served; ModelError if the server serves SetCoefs' linear model instead."""
+    def fresh_model_file(self) -> ModelFile:
+        """The served model file, not yet loaded, to read anew; ModelError if the server serves SetCoefs'
+        linear model instead."""
         if self._model_file is None:
             raise ModelError("no model file is served (start the server with --model PATH)")
-        return self._model_file
+        return ModelFile(self._model_file.path, width=self._model_file.width)  # clients send this width
 
     def model_stats(self) -> ModelStats:
         """Which model is served and how its reloads went (read without the reload lock: a scrape never waits)."""

@@ -4,10 +4,15 @@ calls through its gRPC proxy that say which replica answered.
 Importing this skips the importing test module where Ray Serve is not installed, and fails it under CI.
 """
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 
 import grpc
@@ -16,6 +21,7 @@ import pytest
 from models import affinity_key
 from serverproc import FleetProcess
 from stubs import pb2, pb2_grpc
+from tests.fixtures import run_concurrently
 
 if find_spec("ray") is None:
     if os.environ.get("CI"):
@@ -55,3 +61,60 @@ def predict(fleet: Fleet, X: Sequence[float], *, affinity: bool = True) -> tuple
     metadata = (("session_id", affinity_key(X)),) if affinity else None
     reply, call = fleet.stub.Predict.with_call(pb2.PredictRequest(X=X), metadata=metadata, timeout=CALL_TIMEOUT)
     return reply, dict(call.trailing_metadata())["replica"]
+
+
+@dataclass
+class Churn:
+    """What Predict callers saw while changes kept coming: the last change in force, and every stale answer
+    (older than the last change that had returned before the call started) and every error."""
+
+    in_force: float
+    stale: list[tuple[float, list[float], float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    answers: Counter[float] = field(default_factory=Counter)
+
+
+def predict_during_changes(
+    fleet: Fleet,
+    change: Callable[[float], None],
+    versions: Sequence[float],
+    *,
+    in_force: float,
+    callers: int,
+    draw_row: Callable[[random.Random], list[float]],
+    least_answer: Callable[[list[float], float], float],
+) -> Churn:
+    """`callers` threads Predict rows from `draw_row` (half with affinity, half without) while one thread
+    applies `change(version)` for each of `versions` in turn. An answer below `least_answer(X, version)`,
+    for the last version whose change had returned when the call started, is stale."""
+    churn = Churn(in_force)
+    done = threading.Event()
+
+    def keep_changing():
+        try:
+            for version in versions:
+                change(version)
+                churn.in_force = version
+        finally:
+            done.set()
+
+    def keep_predicting(seed: int):
+        rows = random.Random(seed)
+        deadline = time.monotonic() + 120
+        while not done.is_set() and time.monotonic() < deadline:
+            floor = churn.in_force  # read before the call starts
+            X = draw_row(rows)
+            try:
+                reply, _ = predict(fleet, X, affinity=seed % 2 == 0)
+            except grpc.RpcError as error:
+                churn.errors.append(f"{error.code().name}: {error.details()}")
+                continue
+            if reply.error:
+                churn.errors.append(reply.error)
+            elif reply.y < least_answer(X, floor):
+                churn.stale.append((floor, X, reply.y))
+            churn.answers[reply.y] += 1
+
+    callers_tasks = [functools.partial(keep_predicting, seed) for seed in range(callers)]
+    run_concurrently([keep_changing, *callers_tasks], 180)
+    return churn

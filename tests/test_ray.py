@@ -5,14 +5,11 @@ import csv
 import functools
 import itertools
 import os
-import random
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -23,7 +20,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from inference_server import oip, oip_grpc
 from stubs import pb2
 from tests.fixtures import ROOT, run_concurrently
-from tests.ray_fleet import CACHE_SIZE, CALL_TIMEOUT, REPLICAS, Fleet, predict, running_fleet, set_coefs
+from tests.ray_fleet import (
+    CACHE_SIZE,
+    CALL_TIMEOUT,
+    REPLICAS,
+    Fleet,
+    predict,
+    predict_during_changes,
+    running_fleet,
+    set_coefs,
+)
 
 CLIENT = [sys.executable, str(ROOT / "client.py")]
 LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
@@ -90,41 +96,19 @@ def test_the_same_api_through_the_proxy(fleet):
 def test_no_answer_from_replaced_coefficients_while_setcoefs_keeps_changing_them(fleet):
     """Coefficients [k, 0, 0] answer k for X = [1, a, b]: every answer tells which SetCoefs it came from."""
     set_coefs(fleet, [1, 0, 0])
-    in_force = [1]  # the k of the last SetCoefs that returned
-    stale, errors = [], []
-    answers: Counter[float] = Counter()
-    done = threading.Event()
-
-    def keep_setting_coefs():
-        try:
-            for k in range(2, 10):
-                set_coefs(fleet, [k, 0, 0])
-                in_force.append(k)
-        finally:
-            done.set()
-
-    def keep_predicting(seed: int):
-        rows = random.Random(seed)
-        deadline = time.monotonic() + 120
-        while not done.is_set() and time.monotonic() < deadline:
-            floor = in_force[-1]  # read before the call starts
-            X = [1, rows.randrange(5), rows.randrange(5)]  # few rows: many hits, which SetCoefs must empty
-            try:
-                reply, _ = predict(fleet, X, affinity=seed % 2 == 0)
-            except grpc.RpcError as error:
-                errors.append(f"{error.code().name}: {error.details()}")
-                continue
-            if reply.error:
-                errors.append(reply.error)
-            elif reply.y < floor:
-                stale.append((floor, reply.y, reply.hit))
-            answers[reply.y] += 1
-
-    run_concurrently([keep_setting_coefs, *(lambda seed=seed: keep_predicting(seed) for seed in range(16))], 180)
-    assert in_force[-1] == 9
-    assert errors == []
-    assert stale == []
-    assert len(answers) > 3  # the answers followed the changes
+    churn = predict_during_changes(
+        fleet,
+        lambda k: set_coefs(fleet, [k, 0, 0]),
+        range(2, 10),
+        in_force=1,
+        callers=16,
+        draw_row=lambda rows: [1, rows.randrange(5), rows.randrange(5)],  # many hits, which SetCoefs must empty
+        least_answer=lambda X, k: k,
+    )
+    assert churn.in_force == 9
+    assert churn.errors == []
+    assert churn.stale == []
+    assert len(churn.answers) > 3  # the answers followed the changes
     assert all(reply.y == 9 for reply in (predict(fleet, [1, a, 0])[0] for a in range(20)))
 
 

@@ -3,9 +3,6 @@ returns, like SetCoefs; a file that would not load is refused with the old model
 token guards the changes as on a single server."""
 
 import os
-import random
-import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -14,8 +11,7 @@ import torch
 from torch import nn
 
 from stubs import pb2
-from tests.fixtures import run_concurrently
-from tests.ray_fleet import CALL_TIMEOUT, REPLICAS, predict, running_fleet
+from tests.ray_fleet import CALL_TIMEOUT, REPLICAS, predict, predict_during_changes, running_fleet
 
 TOKEN = "fleet-s3cret"
 AUTHORIZED = (("authorization", f"Bearer {TOKEN}"),)
@@ -46,40 +42,24 @@ def test_reload_is_in_force_on_every_replica_once_it_returns(tmp_path):
     model = tmp_path / "scaled.pt"
     write_model(model, 1.0)
     with running_fleet(["--model", str(model)], env={**os.environ, "MODELSERVER_ADMIN_TOKEN": TOKEN}) as fleet:
-        in_force = [1.0]
-        stale, errors = [], []
-        done = threading.Event()
 
-        def keep_reloading():
-            try:
-                for k in (2.0, 3.0, 4.0, 5.0):
-                    write_model(model, k)
-                    reply = fleet.stub.ReloadModel(pb2.ReloadModelRequest(), metadata=AUTHORIZED, timeout=CALL_TIMEOUT)
-                    assert reply.error == ""
-                    in_force.append(k)
-            finally:
-                done.set()
+        def reload(k: float) -> None:
+            write_model(model, k)
+            reply = fleet.stub.ReloadModel(pb2.ReloadModelRequest(), metadata=AUTHORIZED, timeout=CALL_TIMEOUT)
+            assert reply.error == ""
 
-        def keep_predicting(seed: int):
-            rows = random.Random(seed)
-            deadline = time.monotonic() + 120
-            while not done.is_set() and time.monotonic() < deadline:
-                floor = in_force[-1]
-                X = [1.0, float(rows.randrange(4)), 0.0]
-                try:
-                    reply, _ = predict(fleet, X, affinity=seed % 2 == 0)
-                except grpc.RpcError as error:
-                    errors.append(f"{error.code().name}: {error.details()}")
-                    continue
-                if reply.error:
-                    errors.append(reply.error)
-                elif reply.y < floor * sum(X):
-                    stale.append((floor, X, reply.y))
-
-        run_concurrently([keep_reloading, *(lambda seed=seed: keep_predicting(seed) for seed in range(8))], 180)
-        assert in_force[-1] == 5.0
-        assert errors == []
-        assert stale == []
+        churn = predict_during_changes(
+            fleet,
+            reload,
+            (2.0, 3.0, 4.0, 5.0),
+            in_force=1.0,
+            callers=8,
+            draw_row=lambda rows: [1.0, float(rows.randrange(4)), 0.0],
+            least_answer=lambda X, k: k * sum(X),
+        )
+        assert churn.in_force == 5.0
+        assert churn.errors == []
+        assert churn.stale == []
 
         model.write_bytes(b"not a model")
         assert fleet.stub.ReloadModel(pb2.ReloadModelRequest(), metadata=AUTHORIZED, timeout=CALL_TIMEOUT).error

@@ -61,6 +61,8 @@ def serve_config(args: argparse.Namespace) -> dict[str, Any]:
     """deploy/ray/serve.yaml with this run's replicas, ports and model file."""
     import yaml
 
+    from ray_app import REPLICA_DEPLOYMENT
+
     config = yaml.safe_load(CONFIG.read_text())
     config["grpc_options"]["port"] = args.grpc_port
     config["http_options"]["port"] = args.http_port
@@ -68,7 +70,7 @@ def serve_config(args: argparse.Namespace) -> dict[str, Any]:
         if args.model is not None:
             application["args"]["model"] = str(args.model.resolve())
         for deployment in application["deployments"]:
-            if deployment["name"] == "ModelServerReplica":
+            if deployment["name"] == REPLICA_DEPLOYMENT:
                 deployment["num_replicas"] = args.replicas
     return config
 
